@@ -1,0 +1,203 @@
+"""One attention processor for every identity method: the PyTorch reference of the branches.
+
+pidrt installs `IdentityAttnProcessor` on all 32 attention layers of an SD1.5 UNet. What a
+layer computes on a call is decided by data, not by which processor is installed: the shared
+`BranchState` holds, per layer, an optional payload (a few-token branch for SCA / IP-Adapter,
+projected K/V for EAA) and one scale per batch element. So one UNet (and later one engine)
+serves every identity and method, and one batch may mix identities and strengths.
+
+With no payload, or a scale of 0, a layer computes exactly what diffusers' `AttnProcessor2_0`
+computes, op for op, so the base UNet's output is reproduced bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+
+from pidrt.errors import PidrtError
+from pidrt.models.folded import FoldedBranch, folded_attention
+
+QuerySource = Literal["z", "x"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """An attention layer of the UNet, in diffusers' `attn_processors` order."""
+
+    name: str  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    index: int  # position among all 32 layers; IP-Adapter files number attn2 layers by it
+    kind: Literal["self", "cross"]
+    channels: int
+    heads: int
+
+
+@dataclass
+class UnfoldedBranch:
+    """A few-token branch as the papers write it, per batch element.
+
+    query "z": SCA, the query is the text-attention output Z projected by `w_q` [B, C, C].
+    query "x": IP-Adapter, the query is the layer's own `to_q(X)` (`w_q` is None).
+    keys/values: [B, n, C], already projected from the tokens. `w_o` None means the shared
+    `to_out` is applied to Z + scale * branch (`pre_out`); else the branch has its own output
+    projection `w_o` [B, C, C] (x @ w_o convention) and bias `b_o` [B, C] (`post_out`).
+    """
+
+    query: QuerySource
+    keys: torch.Tensor
+    values: torch.Tensor
+    w_q: torch.Tensor | None = None
+    w_o: torch.Tensor | None = None
+    b_o: torch.Tensor | None = None
+
+
+@dataclass
+class FoldedLayer:
+    """The folded form of a few-token branch (methods.md section 2) and where its query comes from."""
+
+    query: QuerySource
+    branch: FoldedBranch
+
+
+@dataclass
+class EAAKV:
+    """EAA for one layer and step: identity K/V [B, M, C] already projected by the EAA weights."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+Payload = Union[UnfoldedBranch, FoldedLayer, EAAKV]
+
+
+@dataclass
+class BranchState:
+    """What the processors read on a UNet call; the pipeline (or an export wrapper) fills it.
+
+    scale: [B] lambda (SCA/IP) or sigma (EAA) per batch element; 0 turns the branch off.
+    layers: layer name -> payload; a missing layer runs plain attention.
+    record: when a dict, every layer appends its normalised input X (EAA feature recording).
+    explicit_attention: MatMul-Softmax-MatMul instead of SDPA (the ONNX pattern TensorRT fuses).
+    """
+
+    scale: torch.Tensor | None = None
+    layers: dict[str, Payload] = field(default_factory=dict)
+    record: dict[str, list[torch.Tensor]] | None = None
+    explicit_attention: bool = False
+
+    def clear(self) -> None:
+        self.scale = None
+        self.layers = {}
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    bsz, tokens, channels = t.shape
+    return t.view(bsz, tokens, heads, channels // heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    bsz, heads, tokens, d = t.shape
+    return t.transpose(1, 2).reshape(bsz, tokens, heads * d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, explicit: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on [B, H, N, d] tensors."""
+    if not explicit:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    # Scale split over q and k (d^-1/4 each) keeps fp16 scores in range, and is the form
+    # TensorRT's attention fusion recognises.
+    s = q.shape[-1] ** -0.25
+    return torch.matmul(torch.matmul(q * s, (k * s).transpose(-1, -2)).softmax(dim=-1), v)
+
+
+class IdentityAttnProcessor:
+    """Drop-in diffusers attention processor that adds the identity branch named by the state."""
+
+    def __init__(self, layer: LayerInfo, state: BranchState):
+        self.layer = layer
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if attention_mask is not None:
+            raise PidrtError("pidrt's SD1.5 attention does not take attention masks")
+        state = self.state
+        x = hidden_states
+        if state.record is not None:
+            state.record.setdefault(self.layer.name, []).append(x.detach())
+        ctx = x if encoder_hidden_states is None else encoder_hidden_states
+        heads = attn.heads
+        query = attn.to_q(x)
+        q = split_heads(query, heads)
+        k = split_heads(attn.to_k(ctx), heads)
+        v = split_heads(attn.to_v(ctx), heads)
+        z = merge_heads(attend(q, k, v, state.explicit_attention)).to(query.dtype)
+
+        payload = state.layers.get(self.layer.name)
+        if payload is None or state.scale is None:
+            return attn.to_out[1](attn.to_out[0](z))
+        scale = state.scale.to(z.dtype).view(-1, 1, 1)
+        if isinstance(payload, FoldedLayer):
+            source = z if payload.query == "z" else x
+            out = attn.to_out[0](z) + scale * folded_attention(source, payload.branch)
+            return attn.to_out[1](out)
+        if isinstance(payload, EAAKV):
+            extra = attend(q, split_heads(payload.keys, heads), split_heads(payload.values, heads), state.explicit_attention)
+            return attn.to_out[1](attn.to_out[0](z + scale * merge_heads(extra)))
+        return attn.to_out[1](self._unfolded(attn, payload, z, query, scale))
+
+    def _unfolded(self, attn, p: UnfoldedBranch, z, query, scale):
+        heads = attn.heads
+        q_in = torch.bmm(z, p.w_q) if p.query == "z" else query
+        branch = merge_heads(
+            attend(split_heads(q_in, heads), split_heads(p.keys, heads), split_heads(p.values, heads),
+                   self.state.explicit_attention)
+        )
+        if p.w_o is None:
+            return attn.to_out[0](z + scale * branch)
+        own = torch.bmm(branch, p.w_o) + (0 if p.b_o is None else p.b_o[:, None, :])
+        return attn.to_out[0](z) + scale * own
+
+
+def attention_layers(unet) -> list[LayerInfo]:
+    """The UNet's attention layers in diffusers' processor order (attn1 even, attn2 odd in SD1.5)."""
+    modules = dict(unet.named_modules())
+    layers = []
+    for index, key in enumerate(unet.attn_processors.keys()):
+        name = key.removesuffix(".processor")
+        attn = modules[name]
+        kind = "cross" if attn.is_cross_attention else "self"
+        layers.append(LayerInfo(name, index, kind, attn.to_q.out_features, attn.heads))
+    return layers
+
+
+def install(unet) -> BranchState:
+    """Put an `IdentityAttnProcessor` on every attention layer; returns the state they share."""
+    state = BranchState()
+    modules = dict(unet.named_modules())
+    processors = {}
+    for layer in attention_layers(unet):
+        attn = modules[layer.name]
+        unsupported = [
+            flag for flag, on in (
+                ("spatial_norm", attn.spatial_norm is not None),
+                ("group_norm", attn.group_norm is not None),
+                ("norm_cross", bool(attn.norm_cross)),
+                ("residual_connection", attn.residual_connection),
+                ("rescale_output_factor", attn.rescale_output_factor != 1.0),
+                ("norm_q/norm_k", attn.norm_q is not None or attn.norm_k is not None),
+            ) if on
+        ]
+        if unsupported:
+            raise PidrtError(f"{layer.name}: not an SD1.5 attention layer (has {', '.join(unsupported)})")
+        processors[layer.name + ".processor"] = IdentityAttnProcessor(layer, state)
+    unet.set_attn_processor(processors)
+    unet.pidrt_state = state
+    return state
+
+
+def branch_state(unet) -> BranchState:
+    """The state of a UNet prepared by `install` (installing on first use)."""
+    return getattr(unet, "pidrt_state", None) or install(unet)
