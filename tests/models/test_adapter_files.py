@@ -1,0 +1,110 @@
+"""Adapter files: pidrt layouts round trip, published layouts load, bad files are named errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pidrt.errors import FormatError
+from pidrt.models.adapter_files import load_adapter, save_adapter
+from pidrt.models.adapters import EAAAdapter, IPAdapterWeights, SCAAdapter
+from pidrt.models.attention import attention_layers
+from pidrt.models.build import build_unet
+from pidrt.models.image_proj import MLPProjModel, ImageProjModel
+from pidrt.models.mapping import PIDIFF_GROUPS
+from pidrt.models.presets import TINY
+
+D = TINY.unet.cross_attention_dim
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return attention_layers(build_unet(TINY))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("residual", ["pre_out", "post_out"])
+def test_sca_round_trip(tmp_path, layers, residual):
+    adapter = SCAAdapter.random(layers, D, seed=1, residual=residual, groups=PIDIFF_GROUPS, layernorm=False)
+    save_adapter(tmp_path / "a.safetensors", adapter)
+    back = load_adapter(tmp_path / "a.safetensors", layers, D)
+    assert isinstance(back, SCAAdapter) and back.residual == residual
+    assert back.mapping.groups == PIDIFF_GROUPS and back.mapping.norm is None
+    assert same(back.tensors(), adapter.tensors())
+
+
+def test_eaa_and_ip_round_trip(tmp_path, layers):
+    eaa = EAAAdapter.random(layers, latent_size=8, n_levels=4, s_c=16)
+    save_adapter(tmp_path / "e.safetensors", eaa)
+    back = load_adapter(tmp_path / "e.safetensors", layers, D)
+    assert isinstance(back, EAAAdapter) and back.s_c == 16 and same(back.tensors(), eaa.tensors())
+    ip = IPAdapterWeights.random(layers, D)
+    save_adapter(tmp_path / "i.safetensors", ip)
+    assert same(load_adapter(tmp_path / "i.safetensors", layers, D).tensors(), ip.tensors())
+
+
+def published_ip(layers, proj) -> dict:
+    """The key layout of ip-adapter_sd15 / ip-adapter-faceid files: attn2 layers numbered 1, 3, .., 31."""
+    cross = [l for l in layers if l.kind == "cross"]
+    assert [l.index for l in cross] == list(range(1, 32, 2))
+    ip = {}
+    for l in cross:
+        ip[f"{l.index}.to_k_ip.weight"] = torch.randn(l.channels, D)
+        ip[f"{l.index}.to_v_ip.weight"] = torch.randn(l.channels, D)
+    return {"image_proj": proj.state_dict(), "ip_adapter": ip}
+
+
+@pytest.mark.parametrize("proj", [ImageProjModel(D, 40, 4), MLPProjModel(D, 24, 4)], ids=["linear", "faceid_mlp"])
+def test_published_ip_adapter_bin_and_safetensors(tmp_path, layers, proj):
+    obj = published_ip(layers, proj)
+    torch.save(obj, tmp_path / "ip-adapter.bin")
+    flat = {f"{g}.{k}": v.contiguous() for g, sd in obj.items() for k, v in sd.items()}
+    save_file(flat, tmp_path / "ip-adapter.safetensors")
+    for name in ("ip-adapter.bin", "ip-adapter.safetensors"):
+        got = load_adapter(tmp_path / name, layers, D)
+        assert isinstance(got, IPAdapterWeights) and type(got.image_proj) is type(proj)
+        assert same(got.tensors(), flat)
+
+
+def test_published_wplus_adapter(tmp_path, layers):
+    ref = SCAAdapter.random(layers, D, seed=2)
+    w_proj = {k[len("mapping."):]: v for k, v in ref.tensors().items() if k.startswith("mapping.")}
+    wplus = {}
+    for index, w in ref.layers.items():
+        for ours, theirs in (("to_q", "to_q_wplus"), ("to_k", "to_k_wplus"), ("to_v", "to_v_wplus")):
+            wplus[f"{index}.{theirs}.weight"] = w[f"{ours}.weight"]
+    torch.save({"w_proj": w_proj, "wplus_adapter": wplus}, tmp_path / "wplus_adapter.bin")
+    got = load_adapter(tmp_path / "wplus_adapter.bin", layers, D)
+    assert isinstance(got, SCAAdapter) and got.residual == "pre_out" and got.mapping.norm is not None
+    assert same(got.tensors(), ref.tensors())
+
+
+def test_bad_files_are_named_errors(tmp_path, layers):
+    ip = IPAdapterWeights.random(layers, D).tensors()
+    cases = {
+        "missing": {k: v for k, v in ip.items() if k != "ip_adapter.5.to_v_ip.weight"},
+        "unexpected": ip | {"ip_adapter.2.to_k_ip.weight": torch.zeros(3, 3)},
+        "shape": ip | {"ip_adapter.1.to_k_ip.weight": torch.zeros(7, D)},
+    }
+    expected = {"missing": "missing keys", "unexpected": "unexpected keys", "shape": "wrong shapes"}
+    for name, tensors in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, path)
+        with pytest.raises(FormatError, match=expected[name]) as err:
+            load_adapter(path, layers, D)
+        assert str(path) in str(err.value)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(FormatError, match="junk.safetensors"):
+        load_adapter(tmp_path / "junk.safetensors", layers, D)
+    torch.save({"something": {}}, tmp_path / "other.bin")
+    with pytest.raises(FormatError, match="match neither"):
+        load_adapter(tmp_path / "other.bin", layers, D)
+    with pytest.raises(FormatError, match="no such"):
+        load_adapter(tmp_path / "absent.safetensors", layers, D)
+    save_file({"x": torch.zeros(1)}, tmp_path / "future.safetensors", metadata={"pidrt_schema": "9", "kind": "sca"})
+    with pytest.raises(FormatError, match="schema"):
+        load_adapter(tmp_path / "future.safetensors", layers, D)
