@@ -1,0 +1,167 @@
+"""The torch text-to-image pipeline: text encoding, CFG as one batch, the scheduler loop, VAE decode.
+
+Every image in a call has its own prompt, seed, identity and scale schedule; they share the
+step count, guidance, size and scheduler (they share UNet calls). An image's starting noise is
+drawn from its own seed, so it is the same image whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from pidrt.errors import PidrtError
+from pidrt.models.attention import attention_layers, branch_state
+from pidrt.models.branches import eaa_payloads, few_token_payloads
+from pidrt.models.build import Models
+from pidrt.runtime.conditioning import Condition, EAACondition, FewTokenCondition, ScaleSchedule
+from pidrt.runtime.schedulers import make_scheduler
+
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 30
+    guidance: float = 7.5
+    height: int = 512
+    width: int = 512
+    scheduler: str = "ddim"
+    folded: bool = True  # the folded few-token branch (exact, cheaper); False runs the papers' form
+
+    def check(self, latent_scale: int) -> None:
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise PidrtError(f"steps must be in 1..{MAX_STEPS}; got {self.steps}")
+        for name, side in (("height", self.height), ("width", self.width)):
+            if side <= 0 or side % latent_scale:
+                raise PidrtError(f"{name} must be a positive multiple of {latent_scale}; got {side}")
+
+
+@dataclass
+class ImageSpec:
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    condition: Condition | None = None
+    schedule: ScaleSchedule = field(default_factory=ScaleSchedule)
+
+
+@dataclass
+class Output:
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    latents: torch.Tensor
+    timings: dict[str, float]
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+    """One CPU generator per image: the same seed gives the same noise on any device and batch."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+class Pipeline:
+    """Runs SamplingConfig + ImageSpecs on one set of torch models (the reference backend)."""
+
+    def __init__(self, models: Models, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.models = models.to(device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        self.layers = attention_layers(models.unet)
+        self.state = branch_state(models.unet)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.models.tokenizer(list(prompts)).to(self.device)
+        return self.models.text_encoder(ids).last_hidden_state.to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.models.vae
+        images = vae.decode(latents / vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> latents (the distribution's mean: deterministic, as inversion wants)."""
+        vae = self.models.vae
+        dist = vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist
+        return dist.mean * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def unet(self, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.device).expand(x.shape[0])
+        return self.models.unet(x, t, encoder_hidden_states=ctx).sample
+
+    def generate(self, config: SamplingConfig, specs: Sequence[ImageSpec],
+                 on_step: Callable[[int, int], None] | None = None) -> Output:
+        """Images for `specs`; `on_step(i, steps)` after each step (progress, cancellation by raising)."""
+        if not specs:
+            raise PidrtError("nothing to generate: no images requested")
+        config.check(self.models.preset.latent_scale)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        cfg = config.guidance != 1.0
+        prompts = [s.prompt for s in specs]
+        ctx = self.encode_text(([s.negative_prompt for s in specs] if cfg else []) + prompts)
+        timings["text_encode_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        sched = make_scheduler(config.scheduler, self.models.preset.scheduler, config.steps)
+        scale_f = self.models.preset.latent_scale
+        shape = (self.models.unet.config.in_channels, config.height // scale_f, config.width // scale_f)
+        x = initial_noise([s.seed for s in specs], shape, self.dtype, self.device)
+        conditions = ([s.condition for s in specs] * (2 if cfg else 1))
+        halves = (["uncond"] * len(specs) if cfg else []) + ["cond"] * len(specs)
+        fixed = self._few_token_payloads(conditions, halves, config.folded)
+        eaa = self._eaa_steps(conditions, config.steps)
+        schedules = [s.schedule for s in specs] * (2 if cfg else 1)
+        try:
+            for i, t in enumerate(sched.timesteps):
+                self.state.layers = fixed if eaa is None else eaa_payloads(self.layers, [None if c is None else c[i] for c in eaa])
+                self.state.scale = torch.tensor(
+                    [sch.at(i) if c is not None else 0.0 for sch, c in zip(schedules, conditions)],
+                    device=self.device, dtype=self.dtype,
+                )
+                x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, i)
+                eps = self.unet(x_in, t, ctx)
+                if cfg:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = eps_u + config.guidance * (eps_c - eps_u)
+                x = sched.step(eps, i, x)
+                if on_step is not None:
+                    on_step(i, config.steps)
+        finally:
+            self.state.clear()
+        timings["unet_loop_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        images = self.decode(x)
+        timings["vae_decode_s"] = time.perf_counter() - clock
+        return Output(images=images, latents=x, timings=timings)
+
+    def _few_token_payloads(self, conditions, halves, folded: bool):
+        items = [
+            (getattr(c, h) if isinstance(c, FewTokenCondition) else None) for c, h in zip(conditions, halves)
+        ]
+        if any(isinstance(c, EAACondition) for c in conditions) and any(i is not None for i in items):
+            raise PidrtError("one batch runs one identity method; got EAA with SCA/IP-Adapter")
+        return few_token_payloads(self.models.unet, self.layers, items, folded)
+
+    def _eaa_steps(self, conditions, steps: int):
+        """Per batch element, the per-step K/V list (None for elements without EAA), or None if no EAA."""
+        if not any(isinstance(c, EAACondition) for c in conditions):
+            return None
+        out = []
+        for c in conditions:
+            if not isinstance(c, EAACondition):
+                out.append(None)
+                continue
+            if len(c.steps) != steps:
+                raise PidrtError(
+                    f"EAA features were recorded for {len(c.steps)} steps; this generation runs {steps}. "
+                    "Enroll the identity again with the same step count."
+                )
+            out.append([{k: (kv[0].to(self.device, self.dtype), kv[1].to(self.device, self.dtype))
+                         for k, kv in step.items()} for step in c.steps])
+        return out
