@@ -9,6 +9,7 @@ import torch
 
 from pidrt.errors import PidrtError
 from pidrt.models.branches import IPIdentity, SCAIdentity
+from pidrt.models.folded import FoldedBranch
 
 StepKV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -27,6 +28,20 @@ class FewTokenCondition:
 
 
 @dataclass
+class FoldedCondition:
+    """SCA or IP-Adapter already folded (the identity artifact): per cross layer name, the
+    FoldedBranch of one element ([1, ...] tensors) for the prompt and the negative half.
+
+    Generation from it needs neither the adapter nor the tokens: the layers read A and B.
+    """
+
+    method: str  # "sca" | "ip"
+    query: str  # "z" (SCA) | "x" (IP-Adapter)
+    cond: dict[str, FoldedBranch]
+    uncond: dict[str, FoldedBranch]
+
+
+@dataclass
 class EAACondition:
     """EAA: the projected identity K/V of every step and layer (cached inversion features).
 
@@ -38,7 +53,7 @@ class EAACondition:
     method: str = "eaa"
 
 
-Condition = Union[FewTokenCondition, EAACondition]
+Condition = Union[FewTokenCondition, FoldedCondition, EAACondition]
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ from typing import Callable, Sequence
 import torch
 
 from pidrt.errors import PidrtError
-from pidrt.models.attention import attention_layers, branch_state
+from pidrt.models.attention import FoldedLayer, attention_layers, branch_state
 from pidrt.models.branches import eaa_payloads, few_token_payloads
 from pidrt.models.build import Models
-from pidrt.runtime.conditioning import Condition, EAACondition, FewTokenCondition, ScaleSchedule
+from pidrt.models.folded import stack_folded
+from pidrt.runtime.conditioning import Condition, EAACondition, FewTokenCondition, FoldedCondition, ScaleSchedule
 from pidrt.runtime.schedulers import make_scheduler
 
 MAX_STEPS = 1000
@@ -141,12 +142,32 @@ class Pipeline:
         return Output(images=images, latents=x, timings=timings)
 
     def _few_token_payloads(self, conditions, halves, folded: bool):
+        if any(isinstance(c, FoldedCondition) for c in conditions):
+            return self._prefolded_payloads(conditions, halves, folded)
         items = [
             (getattr(c, h) if isinstance(c, FewTokenCondition) else None) for c, h in zip(conditions, halves)
         ]
         if any(isinstance(c, EAACondition) for c in conditions) and any(i is not None for i in items):
             raise PidrtError("one batch runs one identity method; got EAA with SCA/IP-Adapter")
         return few_token_payloads(self.models.unet, self.layers, items, folded)
+
+    def _prefolded_payloads(self, conditions, halves, folded: bool):
+        if not folded:
+            raise PidrtError("a folded identity artifact cannot run the unfolded reference; enroll from the adapter")
+        if any(c is not None and not isinstance(c, FoldedCondition) for c in conditions):
+            raise PidrtError("one batch runs one identity method; got folded SCA/IP-Adapter identities with others")
+        present = [c for c in conditions if c is not None]
+        if len({(c.method, c.query) for c in present}) > 1:
+            raise PidrtError("one batch runs one identity method; got both SCA and IP-Adapter identities")
+        payloads = {}
+        for name in present[0].cond:
+            per_element = [None if c is None else getattr(c, h)[name] for c, h in zip(conditions, halves)]
+            try:
+                branch = stack_folded(per_element)
+            except ValueError as exc:
+                raise PidrtError(str(exc)) from None
+            payloads[name] = FoldedLayer(present[0].query, branch.to(self.device, self.dtype))
+        return payloads
 
     def _eaa_steps(self, conditions, steps: int):
         """Per batch element, the per-step K/V list (None for elements without EAA), or None if no EAA."""

@@ -1,0 +1,199 @@
+"""Enrollment: face photos in, a cached identity artifact out (done once, used by every generation).
+
+SCA: FFHQ-aligned crop -> e4e W+ (averaged over references) -> F(w), F(0) -> folded A/B.
+IP-Adapter: face crop -> CLIP image embedding (or ArcFace for FaceID) -> tokens -> folded A/B.
+EAA: square face crop -> VAE latent -> DDIM inversion + reconstruction with feature recording
+-> projected K/V per step and layer. The store keys each artifact by everything it depends on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pidrt.errors import PidrtError
+from pidrt.identity import faces
+from pidrt.identity.artifacts import (concat_references, eaa_from_tensors, eaa_to_tensors, folded_from_tensors,
+                                      folded_to_tensors)
+from pidrt.identity.e4e import E4EEncoder, aggregate, image_to_tensor
+from pidrt.identity.image_encoder import ClipImageEncoder
+from pidrt.identity.store import IdentityKey, IdentityStore, fingerprint_module, fingerprint_tensors
+from pidrt.models.adapters import EAAAdapter, IPAdapterWeights, SCAAdapter
+from pidrt.models.branches import IPIdentity, SCAIdentity, few_token_payloads
+from pidrt.models.image_proj import MLPProjModel
+from pidrt.runtime.conditioning import Condition, FoldedCondition
+from pidrt.runtime.inversion import eaa_features, invert_and_record
+from pidrt.runtime.pipeline import Pipeline
+
+METHODS = ("sca", "ip", "eaa")
+
+
+@dataclass(frozen=True)
+class EnrollOptions:
+    method: str
+    steps: int = 50  # EAA: the sampling step count the features are recorded for
+    resolution: int | None = None  # EAA: image side; None = the preset's
+    caption: str = "a photo of a person"  # EAA: the inversion prompt P_inv
+    record_from: str = "reconstruction"  # EAA: "reconstruction" (paper) or "inversion" (T calls)
+    face_policy: str = "largest"
+    detector: str = "auto"
+    reference_weights: tuple[float, ...] | None = None  # SCA/IP: weighted average of references
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise PidrtError(f"unknown method {self.method!r}; choose one of {METHODS}")
+
+
+@dataclass
+class Encoders:
+    """What enrollment needs besides the pipeline; only the chosen method's parts must be set."""
+
+    sca: SCAAdapter | None = None
+    e4e: E4EEncoder | None = None
+    ip: IPAdapterWeights | None = None
+    image_encoder: ClipImageEncoder | None = None
+    arcface_pack: str | None = None
+    eaa: EAAAdapter | None = None
+
+
+@dataclass
+class Enrollment:
+    identity_id: str
+    method: str
+    created: bool
+    seconds: float
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    # delay: short enrollments stay quiet, long ones (EAA inversion) show progress.
+    return tqdm(total=total, desc=desc, delay=1.0, leave=False)
+
+
+class Enroller:
+    def __init__(self, pipe: Pipeline, store: IdentityStore, encoders: Encoders):
+        self.pipe, self.store, self.encoders = pipe, store, encoders
+        self._base_fp: str | None = None
+
+    def base_fingerprint(self) -> str:
+        if self._base_fp is None:
+            m = self.pipe.models
+            self._base_fp = fingerprint_tensors(
+                {f"{part}.{k}": v for part, mod in (("unet", m.unet), ("text", m.text_encoder), ("vae", m.vae))
+                 for k, v in mod.state_dict().items()}
+            )
+        return self._base_fp
+
+    def _adapter(self, method: str):
+        adapter = {"sca": self.encoders.sca, "ip": self.encoders.ip, "eaa": self.encoders.eaa}[method]
+        if adapter is None:
+            raise PidrtError(f"no {method} adapter loaded; pass one to enroll with --method {method}")
+        return adapter
+
+    def _key(self, images: Sequence[bytes], opts: EnrollOptions) -> IdentityKey:
+        e = self.encoders
+        params: dict = {"face_policy": opts.face_policy, "detector": opts.detector}
+        if opts.method == "eaa":
+            params |= {"scheduler": "ddim", "steps": opts.steps, "resolution": self._resolution(opts),
+                       "caption": opts.caption, "record_from": opts.record_from}
+        else:
+            params["weights"] = list(opts.reference_weights or [])
+            encoder = e.e4e if opts.method == "sca" else e.image_encoder
+            params["encoder"] = fingerprint_module(encoder.model if isinstance(encoder, ClipImageEncoder) else encoder) \
+                if encoder is not None else str(e.arcface_pack)
+        adapter_fp = fingerprint_tensors(self._adapter(opts.method).tensors())
+        return IdentityKey.make(images, opts.method, self.base_fingerprint(), adapter_fp, **params)
+
+    def _resolution(self, opts: EnrollOptions) -> int:
+        return opts.resolution or self.pipe.models.preset.resolution
+
+    def enroll(self, images: Sequence[bytes], opts: EnrollOptions) -> Enrollment:
+        if not images:
+            raise PidrtError("enrollment needs at least one face image")
+        clock = time.perf_counter()
+        key = self._key(images, opts)
+        ident, _, _, created = self.store.get_or_create(key, lambda: self._build(images, opts))
+        return Enrollment(ident, opts.method, created, time.perf_counter() - clock)
+
+    def condition(self, identity_id: str) -> Condition:
+        tensors, meta = self.store.get(identity_id)
+        method = identity_id.split("-", 1)[0]
+        if method == "eaa":
+            return eaa_from_tensors(tensors, meta, self.pipe.layers)
+        return folded_from_tensors(method, tensors, meta, self.pipe.layers)
+
+    def _faces(self, images: Sequence[bytes], opts: EnrollOptions, crop: str) -> list[np.ndarray]:
+        kind = {"ffhq256": "pidiff", "face512": "inv_adapter", "arcface112": "arcface"}[crop]
+        out = []
+        for n, data in enumerate(images):
+            name = f"image {n + 1}"
+            img = faces.load_image(data, name=name)
+            out.append(faces.preprocess(img, kind, policy=opts.face_policy, name=name, backend=opts.detector)[crop])
+        return out
+
+    def _build(self, images: Sequence[bytes], opts: EnrollOptions):
+        clock = time.perf_counter()
+        if opts.method == "eaa":
+            tensors, meta = self._build_eaa(images, opts)
+        else:
+            tensors, meta = self._build_few_token(images, opts)
+        meta = meta | {"enroll_seconds": f"{time.perf_counter() - clock:.3f}", "references": str(len(images))}
+        return tensors, meta
+
+    def _build_few_token(self, images: Sequence[bytes], opts: EnrollOptions):
+        e = self.encoders
+        adapter = self._adapter(opts.method)
+        with torch.no_grad():
+            if opts.method == "sca":
+                if e.e4e is None:
+                    raise PidrtError("SCA enrollment needs an e4e encoder")
+                codes = torch.cat([e.e4e.encode(image_to_tensor(c)) for c in self._faces(images, opts, "ffhq256")])
+                w = aggregate(codes, opts.reference_weights)[None]
+                tokens = {"cond": adapter.mapping(w)[0], "uncond": adapter.mapping.unconditional()[0]}
+                make = SCAIdentity
+            else:
+                embeds = torch.stack(self._ip_embeddings(images, opts, adapter))
+                weights = torch.tensor(opts.reference_weights or [1.0] * len(embeds), dtype=embeds.dtype)
+                embed = (weights[:, None] * embeds).sum(0, keepdim=True) / weights.sum()
+                tokens = {"cond": adapter.image_proj(embed)[0], "uncond": adapter.image_proj(torch.zeros_like(embed))[0]}
+                make = IPIdentity
+            unet, layers = self.pipe.models.unet, self.pipe.layers
+            halves = {h: few_token_payloads(unet, layers, [make(adapter, tokens[h])]) for h in ("cond", "uncond")}
+        query = next(iter(halves["cond"].values())).query
+        cond = FoldedCondition(opts.method, query, *({n: p.branch for n, p in halves[h].items()} for h in ("cond", "uncond")))
+        return folded_to_tensors(cond, layers, tokens)
+
+    def _ip_embeddings(self, images, opts, adapter: IPAdapterWeights) -> list[torch.Tensor]:
+        if isinstance(adapter.image_proj, MLPProjModel):  # FaceID: ArcFace identity embedding
+            crops = self._faces(images, opts, "arcface112")
+            return [torch.from_numpy(faces.arcface_embedding(c, self.encoders.arcface_pack)) for c in crops]
+        if self.encoders.image_encoder is None:
+            raise PidrtError("IP-Adapter enrollment needs a CLIP image encoder (--image-encoder)")
+        return [self.encoders.image_encoder.embed(c) for c in self._faces(images, opts, "face512")]
+
+    def _build_eaa(self, images: Sequence[bytes], opts: EnrollOptions):
+        from PIL import Image
+
+        adapter = self._adapter("eaa")
+        side = self._resolution(opts)
+        latent = side // self.pipe.models.preset.latent_scale
+        if adapter.latent_size != latent:
+            raise PidrtError(f"the EAA adapter aggregates tokens for {adapter.latent_size}x{adapter.latent_size} "
+                             f"latents; resolution {side} gives {latent}x{latent}")
+        crops = self._faces(images, opts, "face512")
+        calls = opts.steps * (2 if opts.record_from == "reconstruction" else 1) * len(crops)
+        per_reference = []
+        with _progress(calls, "EAA inversion") as bar:
+            for crop in crops:
+                pixels = np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.LANCZOS), np.float32)
+                x = torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None]
+                inv = invert_and_record(self.pipe, self.pipe.encode_image(x), opts.caption, opts.steps,
+                                        opts.record_from, on_call=lambda: bar.update(1))
+                per_reference.append(eaa_features(adapter, self.pipe, inv))
+        steps = per_reference[0] if len(per_reference) == 1 else concat_references(per_reference)
+        return eaa_to_tensors(steps, self.pipe.layers)
