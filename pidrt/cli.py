@@ -1,0 +1,147 @@
+"""The `pidrt` command line. Arguments are validated here and turned into frozen configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pidrt.errors import PidrtError
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--model", type=Path, help="diffusers SD1.5 folder or single-file .safetensors (default: random weights)")
+    p.add_argument("--sca-adapter", type=Path, help="pidrt SCA .safetensors or the W+ adapter's wplus_adapter.bin")
+    p.add_argument("--ip-adapter", type=Path, help="ip-adapter*.safetensors / .bin")
+    p.add_argument("--eaa-adapter", type=Path, help="pidrt EAA .safetensors")
+    p.add_argument("--e4e", type=Path, help="e4e_ffhq_encode.pt (SCA's W+ encoder)")
+    p.add_argument("--image-encoder", type=Path, help="CLIP vision folder (IP-Adapter)")
+    p.add_argument("--arcface-pack", help="insightface model pack path or name (IP-Adapter FaceID)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def _runtime_options(a: argparse.Namespace):
+    from pidrt.runtime.setup import RuntimeOptions
+
+    return RuntimeOptions(
+        preset=a.preset, model=a.model, sca_adapter=a.sca_adapter, ip_adapter=a.ip_adapter, eaa_adapter=a.eaa_adapter,
+        e4e=a.e4e, image_encoder=a.image_encoder, arcface_pack=a.arcface_pack, device=a.device, dtype=a.dtype,
+    )
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from pidrt.runtime.demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(out=a.out, steps=a.steps))
+    print(json.dumps({"out": str(a.out), "images": report["images"], "stages_s": report["stages_s"],
+                      "folded_vs_unfolded_max_abs": report["folded_vs_unfolded_max_abs"]}, indent=2))
+    return 0
+
+
+def cmd_enroll(a: argparse.Namespace) -> int:
+    from pidrt.identity.enroll import Enroller, EnrollOptions
+    from pidrt.identity.store import IdentityStore
+    from pidrt.runtime.setup import build_runtime
+
+    images = []
+    for path in a.face:
+        if not path.is_file():
+            raise PidrtError(f"{path}: no such image file")
+        images.append(path.read_bytes())
+    options = EnrollOptions(a.method, steps=a.steps, resolution=a.resolution, caption=a.caption,
+                            record_from=a.record_from, face_policy=a.face_policy)
+    pipe, encoders = build_runtime(_runtime_options(a))
+    result = Enroller(pipe, IdentityStore(a.store), encoders).enroll(images, options)
+    print(json.dumps({"id": result.identity_id, "method": result.method, "created": result.created,
+                      "seconds": round(result.seconds, 3)}))
+    return 0
+
+
+def cmd_identities(a: argparse.Namespace) -> int:
+    from pidrt.identity.store import IdentityStore
+
+    store = IdentityStore(a.store)
+    if a.action == "list":
+        for e in store.list():
+            print(json.dumps({"id": e.id, "method": e.method, "created": e.created, "bytes": e.size}))
+    elif a.action == "show":
+        e = store.show(a.id)
+        print(json.dumps({"id": e.id, "method": e.method, "created": e.created, "bytes": e.size, "key": e.key,
+                          "meta": e.meta, "tensors": len(e.tensors)}, indent=2, default=str))
+    else:
+        store.delete(a.id)
+        print(json.dumps({"deleted": a.id}))
+    return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    import importlib.util
+    import platform
+
+    import torch
+
+    report = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    for module, extra in (("onnx", "onnx"), ("onnxruntime", "onnx"), ("polygraphy", "onnx"), ("tensorrt", "trt"),
+                          ("triton", "kernels"), ("insightface", "face"), ("cv2", "face"), ("fastapi", "serve"),
+                          ("ray", "serve")):
+        found = importlib.util.find_spec(module) is not None
+        report[module] = "installed" if found else f"missing (pip install 'pidrt[{extra}]')"
+    from pidrt.kernels import available
+
+    report["kernels"] = available()[1]
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pidrt", description="Personalized-identity SD1.5 runtime")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="enroll a sample face with every method on the tiny preset and generate")
+    p.add_argument("--out", type=Path, default=Path("pidrt-demo"))
+    p.add_argument("--steps", type=int, default=10)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("enroll", help="enroll face images as an identity; prints its id")
+    _runtime_args(p)
+    p.add_argument("--method", choices=["sca", "ip", "eaa"], required=True)
+    p.add_argument("--face", type=Path, nargs="+", required=True)
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=50, help="EAA: sampling steps the features are for")
+    p.add_argument("--resolution", type=int, help="EAA: image side (default: the preset's)")
+    p.add_argument("--caption", default="a photo of a person", help="EAA: inversion prompt")
+    p.add_argument("--record-from", choices=["reconstruction", "inversion"], default="reconstruction")
+    p.add_argument("--face-policy", choices=["largest", "error"], default="largest")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("identities", help="list, show or delete stored identities")
+    p.add_argument("action", choices=["list", "show", "delete"])
+    p.add_argument("id", nargs="?")
+    p.add_argument("--store", type=Path, required=True)
+    p.set_defaults(func=cmd_identities)
+
+    p = sub.add_parser("doctor", help="what is installed and which backends can run")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if getattr(args, "action", None) in ("show", "delete") and not args.id:
+        parser.error(f"identities {args.action} needs an identity id")
+    try:
+        return args.func(args)
+    except PidrtError as exc:
+        print(f"pidrt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
