@@ -1,0 +1,190 @@
+"""Fused few-token branch: out = base + scale[b] * (softmax_groups(x A[b] + sb[b]) B[b] + ob[b]).
+
+The folded branch (methods.md sec. 2, ``pidrt.models.folded``) is GEMM -> grouped softmax -> GEMM
+with a tiny inner dimension (H*n, e.g. 8*4 = 32), so it is bound by reading x and base and writing
+out. One program owns BLOCK_N tokens of one batch element: it computes the scores of all heads in
+a single GEMM over C_in (x is read once), does the per-head softmax in registers, then streams
+the output in BLOCK_C column chunks, fusing the scaled residual add. The probabilities never touch
+memory, and A/B are per batch element, so a batch may mix identities.
+
+Head groups are padded to NP = next_pow2(n) columns (and heads to HP) so the score tile is a
+power of two wide; padded columns are -inf before the softmax and their B rows load as zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pidrt.errors import PidrtError
+from pidrt.kernels import _common as C
+from pidrt.kernels.reference import few_token_reference
+from pidrt.models.folded import FoldedBranch
+
+__all__ = ["few_token_branch", "few_token_reference"]
+
+
+@triton.jit
+def _few_token_kernel(
+    X, A, Bm, SB, OB, Base, Scale, Out,
+    N, C_in, C_out, n_tok, H, chunks_per_prog,
+    sxb, sxn, sxc,
+    sab, sak, saj,
+    sbb, sbj, sbc,
+    ssbb, ssbj,
+    sobb, sobc,
+    sbsb, sbsn, sbsc,
+    sob, son, soc,
+    sscale,
+    HP: tl.constexpr, NP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    COPY_BASE: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # int64: b * batch stride overflows int32 at SD sizes
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    c_first = pid_c * chunks_per_prog * BLOCK_C
+    base_ptr = Base + b * sbsb + offs_n[:, None] * sbsn
+    out_ptr = Out + b * sob + offs_n[:, None] * son
+    s = tl.load(Scale + b * sscale).to(tl.float32)
+
+    if s != 0.0:
+        # Padded column j = h*NP + i stands for folded column h*n + i (valid when h < H, i < n).
+        j = tl.arange(0, HP * NP)
+        col_ok = ((j // NP) < H) & ((j % NP) < n_tok)
+        col = (j // NP) * n_tok + (j % NP)
+
+        # Scores of all heads in one GEMM over C_in, fp32 accumulation.
+        scores = tl.zeros([BLOCK_N, HP * NP], dtype=tl.float32)
+        for k0 in range(0, C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < C_in
+            xt = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_k[None, :] * sxc,
+                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(A + b * sab + offs_k[:, None] * sak + col[None, :] * saj,
+                         mask=k_mask[:, None] & col_ok[None, :], other=0.0)
+            scores = tl.dot(xt, at, scores, input_precision=PREC)
+        sb = tl.load(SB + b * ssbb + col * ssbj, mask=col_ok, other=0.0).to(tl.float32)
+        scores = tl.where(col_ok[None, :], scores + sb[None, :], float("-inf"))
+
+        # Softmax within each head's group of NP columns.
+        s3 = tl.reshape(scores, (BLOCK_N, HP, NP))
+        m = tl.max(s3, axis=2)
+        m = tl.where(m == float("-inf"), 0.0, m)  # all-padded head groups: avoid -inf - -inf
+        p3 = tl.exp2((s3 - m[:, :, None]) * 1.4426950408889634)
+        den = tl.sum(p3, axis=2)
+        den = tl.where(den == 0.0, 1.0, den)  # padded groups give p = 0, not 0/0
+        p = tl.reshape(p3 / den[:, :, None], (BLOCK_N, HP * NP)).to(X.dtype.element_ty)
+
+        # Stream the output in column chunks: out = base + s * (p @ B + out_bias).
+        for t in range(0, chunks_per_prog):
+            offs_c = c_first + t * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_mask = offs_c < C_out
+            io_mask = n_mask[:, None] & c_mask[None, :]
+            bt = tl.load(Bm + b * sbb + col[:, None] * sbj + offs_c[None, :] * sbc,
+                         mask=col_ok[:, None] & c_mask[None, :], other=0.0)
+            o = tl.dot(p, bt, input_precision=PREC)
+            ob = tl.load(OB + b * sobb + offs_c * sobc, mask=c_mask, other=0.0).to(tl.float32)
+            res = tl.load(base_ptr + offs_c[None, :] * sbsc, mask=io_mask, other=0.0).to(tl.float32)
+            res = res + s * (o + ob[None, :])
+            tl.store(out_ptr + offs_c[None, :] * soc, res.to(Out.dtype.element_ty), mask=io_mask)
+    else:
+        # scale 0 (e.g. the first steps of step-blended denoising): the branch is skipped.
+        if COPY_BASE:
+            for t in range(0, chunks_per_prog):
+                offs_c = c_first + t * BLOCK_C + tl.arange(0, BLOCK_C)
+                io_mask = n_mask[:, None] & (offs_c < C_out)[None, :]
+                res = tl.load(base_ptr + offs_c[None, :] * sbsc, mask=io_mask, other=0.0)
+                tl.store(out_ptr + offs_c[None, :] * soc, res.to(Out.dtype.element_ty), mask=io_mask)
+
+
+def _batched(name: str, t: torch.Tensor, batch: int, rest: tuple) -> torch.Tensor:
+    """A branch tensor of shape [B, *rest] or [1, *rest] (shared by the batch) as a [B, ...] view."""
+    C.check_tensor(name, t, 1 + len(rest))
+    if t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != tuple(rest):
+        raise PidrtError(f"{name} has shape {tuple(t.shape)}, expected [{batch} or 1, {', '.join(map(str, rest))}]")
+    return t.expand(batch, *rest)
+
+
+def few_token_branch(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    branch: FoldedBranch,
+    scale: torch.Tensor | float,
+    *,
+    out: torch.Tensor | None = None,
+    block_n: int = 64,
+    block_k: int = 64,
+    block_c: int = 64,
+    split_c: int | None = None,
+) -> torch.Tensor:
+    """base + scale[b] * (sum_h softmax(x A_h + score_bias_h) B_h + out_bias), one kernel launch.
+
+    base [B, N, C_out], x [B, N, C_in] (same float dtype; any strides), branch tensors with batch
+    dim B or 1; scale [B], [1], [] or a number. ``out`` may be preallocated (``out=base`` updates
+    in place). A and B are cast to x's dtype (a no-op when the caller already stores them so).
+    block_* and split_c (output-column programs per token tile) are tuning knobs.
+    """
+    C.check_tensor("x", x, 3)
+    C.check_tensor("base", base, 3)
+    bsz, tokens, c_in = x.shape
+    if base.shape[:2] != x.shape[:2]:
+        raise PidrtError(f"base {tuple(base.shape)} and x {tuple(x.shape)} differ in batch or token dims")
+    c_out = base.shape[2]
+    if not isinstance(branch, FoldedBranch):
+        raise PidrtError(f"branch must be a FoldedBranch, got {type(branch).__name__}")
+    n_tok = int(branch.n_tokens)
+    hn = branch.a.shape[-1] if branch.a.dim() == 3 else -1
+    if n_tok < 1 or hn < n_tok or hn % n_tok:
+        raise PidrtError(f"branch.a last dim ({hn}) must be heads * n_tokens (n_tokens={n_tok})")
+    heads = hn // n_tok
+    a = _batched("branch.a", branch.a, bsz, (c_in, hn))
+    bm = _batched("branch.b", branch.b, bsz, (hn, c_out))
+    sb = _batched("branch.score_bias", branch.score_bias, bsz, (hn,))
+    ob = _batched("branch.out_bias", branch.out_bias, bsz, (c_out,))
+    device = C.check_device_dtype({"x": x, "base": base}, x.dtype)
+    C.check_device_dtype({"x": x, "branch.a": a, "branch.b": bm, "branch.score_bias": sb, "branch.out_bias": ob})
+    for name, t in (("branch.score_bias", sb), ("branch.out_bias", ob)):
+        if not t.is_floating_point():
+            raise PidrtError(f"{name} must be a float tensor, got {t.dtype}")
+    a, bm = a.to(x.dtype), bm.to(x.dtype)
+    scale_v = C.batch_vector("scale", scale, bsz, device)
+    out = C.check_out(out, base)
+    if out.numel() == 0:
+        return out
+
+    np_ = C.next_pow2(n_tok)
+    hp = C.next_pow2(heads)
+    while hp * np_ < 16:  # tl.dot needs every operand dim >= 16
+        hp *= 2
+    if hp * np_ > 256:
+        raise PidrtError(f"heads * pad(n_tokens) = {hp}*{np_} > 256 is more than one score tile holds")
+    for name, v in (("block_n", block_n), ("block_k", block_k), ("block_c", block_c)):
+        if v < 16 or v & (v - 1):
+            raise PidrtError(f"{name} must be a power of two >= 16, got {v}")
+    n_tiles = triton.cdiv(tokens, block_n)
+    c_chunks = triton.cdiv(c_out, block_c)
+    if split_c is None:
+        # Small N (deep UNet levels: 256 or 64 tokens) gives too few programs to fill the GPU;
+        # split the output columns, recomputing the (cheap) scores per split.
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        split_c = max(1, min(c_chunks, (2 * sms) // max(1, n_tiles * bsz)))
+    split_c = max(1, min(int(split_c), c_chunks))
+    chunks_per_prog = triton.cdiv(c_chunks, split_c)
+    split_c = triton.cdiv(c_chunks, chunks_per_prog)
+    grid = (n_tiles, split_c, bsz)
+    _few_token_kernel[grid](
+        x, a, bm, sb, ob, base, scale_v, out,
+        tokens, c_in, c_out, n_tok, heads, chunks_per_prog,
+        *x.stride(), *a.stride(), *bm.stride(), *sb.stride(), *ob.stride(),
+        *base.stride(), *out.stride(), scale_v.stride(0),
+        HP=hp, NP=np_, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c,
+        COPY_BASE=out.data_ptr() != base.data_ptr() or out.stride() != base.stride(),
+        PREC=C.dot_precision(x.dtype),
+        num_warps=4 if hp * np_ <= 64 else 8,
+        num_stages=2,
+    )
+    return out
