@@ -81,12 +81,14 @@ class BranchState:
     layers: layer name -> payload; a missing layer runs plain attention.
     record: when a dict, every layer appends its normalised input X (EAA feature recording).
     explicit_attention: MatMul-Softmax-MatMul instead of SDPA (the ONNX pattern TensorRT fuses).
+    kernels: run folded branches and EAA through the fused Triton kernels (pidrt.kernels).
     """
 
     scale: torch.Tensor | None = None
     layers: dict[str, Payload] = field(default_factory=dict)
     record: dict[str, list[torch.Tensor]] | None = None
     explicit_attention: bool = False
+    kernels: bool = False
 
     def clear(self) -> None:
         self.scale = None
@@ -138,6 +140,8 @@ class IdentityAttnProcessor:
         payload = state.layers.get(self.layer.name)
         if payload is None or state.scale is None:
             return attn.to_out[1](attn.to_out[0](z))
+        if state.kernels and not isinstance(payload, UnfoldedBranch):
+            return attn.to_out[1](self._fused(attn, payload, x, q, k, v, z))
         scale = state.scale.to(z.dtype).view(-1, 1, 1)
         if isinstance(payload, FoldedLayer):
             source = z if payload.query == "z" else x
@@ -147,6 +151,20 @@ class IdentityAttnProcessor:
             extra = attend(q, split_heads(payload.keys, heads), split_heads(payload.values, heads), state.explicit_attention)
             return attn.to_out[1](attn.to_out[0](z + scale * merge_heads(extra)))
         return attn.to_out[1](self._unfolded(attn, payload, z, query, scale))
+
+    def _fused(self, attn, payload, x, q, k, v, z):
+        """The same maths as the reference paths, through one Triton kernel per layer call."""
+        if isinstance(payload, FoldedLayer):
+            from pidrt.kernels.few_token import few_token_branch
+
+            source = z if payload.query == "z" else x
+            return few_token_branch(attn.to_out[0](z), source, payload.branch, self.state.scale)
+        from pidrt.kernels.dual_kv import dual_kv_attention
+
+        heads = attn.heads
+        both = dual_kv_attention(q, k, v, split_heads(payload.keys, heads), split_heads(payload.values, heads),
+                                 self.state.scale)
+        return attn.to_out[0](merge_heads(both))
 
     def _unfolded(self, attn, p: UnfoldedBranch, z, query, scale):
         heads = attn.heads
