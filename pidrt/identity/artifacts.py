@@ -51,23 +51,26 @@ def folded_from_tensors(method: str, tensors: dict[str, torch.Tensor], meta: dic
     return FoldedCondition(method, query, halves["cond"], halves["uncond"])
 
 
-def eaa_to_tensors(steps: list[StepKV], layers: list[LayerInfo]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def eaa_to_tensors(steps: list[StepKV], layers: list[LayerInfo], latents_t: torch.Tensor,
+                   caption: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     index = {layer.name: layer.index for layer in layers}
-    out = {}
+    out = {"latents_t": latents_t}
     for t, step in enumerate(steps):
         for name, (k, v) in step.items():
             out[f"step{t}.{index[name]}.k"] = k
             out[f"step{t}.{index[name]}.v"] = v
-    return out, {"steps": str(len(steps))}
+    return out, {"steps": str(len(steps)), "caption": caption}
 
 
-def eaa_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], layers: list[LayerInfo]) -> EAACondition:
+def eaa_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], layers: list[LayerInfo],
+                     adapter=None) -> EAACondition:
     try:
         steps = int(meta["steps"])
-        return EAACondition([
-            {layer.name: (tensors[f"step{t}.{layer.index}.k"], tensors[f"step{t}.{layer.index}.v"]) for layer in layers}
-            for t in range(steps)
-        ])
+        return EAACondition(
+            [{layer.name: (tensors[f"step{t}.{layer.index}.k"], tensors[f"step{t}.{layer.index}.v"]) for layer in layers}
+             for t in range(steps)],
+            latents_t=tensors["latents_t"], caption=meta["caption"], adapter=adapter,
+        )
     except (KeyError, ValueError) as exc:
         raise FormatError(f"eaa identity artifact is missing {exc}; it was made for another UNet") from None
 

@@ -124,7 +124,7 @@ class Enroller:
         tensors, meta = self.store.get(identity_id)
         method = identity_id.split("-", 1)[0]
         if method == "eaa":
-            return eaa_from_tensors(tensors, meta, self.pipe.layers)
+            return eaa_from_tensors(tensors, meta, self.pipe.layers, self.encoders.eaa)
         return folded_from_tensors(method, tensors, meta, self.pipe.layers)
 
     def _faces(self, images: Sequence[bytes], opts: EnrollOptions, crop: str) -> list[np.ndarray]:
@@ -187,7 +187,7 @@ class Enroller:
                              f"latents; resolution {side} gives {latent}x{latent}")
         crops = self._faces(images, opts, "face512")
         calls = opts.steps * (2 if opts.record_from == "reconstruction" else 1) * len(crops)
-        per_reference = []
+        per_reference, latents_t = [], []
         with _progress(calls, "EAA inversion") as bar:
             for crop in crops:
                 pixels = np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.LANCZOS), np.float32)
@@ -195,5 +195,6 @@ class Enroller:
                 inv = invert_and_record(self.pipe, self.pipe.encode_image(x), opts.caption, opts.steps,
                                         opts.record_from, on_call=lambda: bar.update(1))
                 per_reference.append(eaa_features(adapter, self.pipe, inv))
+                latents_t.append(inv.latent_t)
         steps = per_reference[0] if len(per_reference) == 1 else concat_references(per_reference)
-        return eaa_to_tensors(steps, self.pipe.layers)
+        return eaa_to_tensors(steps, self.pipe.layers, torch.cat(latents_t), opts.caption)

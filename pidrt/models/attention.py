@@ -70,7 +70,35 @@ class EAAKV:
     values: torch.Tensor
 
 
-Payload = Union[UnfoldedBranch, FoldedLayer, EAAKV]
+@dataclass
+class EAARows:
+    """EAA recomputed in the same batch: K/V projected from the layer inputs of reference rows.
+
+    element_rows[b] lists the batch rows whose inputs are element b's references (empty: no
+    identity); weights: `w_k`, `w_v` ([C, C], x @ w form) and, for cross layers, the token
+    aggregation `agg_w` [s_c, s], `agg_b` [s_c].
+    """
+
+    element_rows: list[list[int]]
+    weights: dict[str, torch.Tensor]
+
+    def to_kv(self, x: torch.Tensor) -> EAAKV:
+        rows = sorted({r for rs in self.element_rows for r in rs})
+        feats = x[rows]
+        if "agg_w" in self.weights:
+            feats = torch.matmul(self.weights["agg_w"], feats) + self.weights["agg_b"][:, None]
+        k, v = feats @ self.weights["w_k"], feats @ self.weights["w_v"]
+        at = {r: i for i, r in enumerate(rows)}
+        n_refs = max(len(rs) for rs in self.element_rows)
+
+        def per_element(t):
+            zero = t.new_zeros(n_refs * t.shape[1], t.shape[2])
+            return torch.stack([t[[at[r] for r in rs]].flatten(0, 1) if rs else zero for rs in self.element_rows])
+
+        return EAAKV(per_element(k), per_element(v))
+
+
+Payload = Union[UnfoldedBranch, FoldedLayer, EAAKV, EAARows]
 
 
 @dataclass
@@ -140,6 +168,8 @@ class IdentityAttnProcessor:
         payload = state.layers.get(self.layer.name)
         if payload is None or state.scale is None:
             return attn.to_out[1](attn.to_out[0](z))
+        if isinstance(payload, EAARows):
+            payload = payload.to_kv(x)
         if state.kernels and not isinstance(payload, UnfoldedBranch):
             return attn.to_out[1](self._fused(attn, payload, x, q, k, v, z))
         scale = state.scale.to(z.dtype).view(-1, 1, 1)

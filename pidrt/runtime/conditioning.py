@@ -45,11 +45,16 @@ class FoldedCondition:
 class EAACondition:
     """EAA: the projected identity K/V of every step and layer (cached inversion features).
 
-    Valid only for the scheduler, step count and resolution they were recorded with; the
-    pipeline checks the step count and the token counts, the store keys the rest.
+    Valid only for the DDIM schedule, step count and resolution they were recorded with; the
+    pipeline checks the scheduler and step count, the store keys the rest. `latents_t` (P_T of
+    each reference), `caption` and `adapter` let the `recompute` placement rebuild the features
+    on the fly instead (the reference branch rides in the generation's UNet batch).
     """
 
     steps: list[StepKV]
+    latents_t: torch.Tensor | None = None  # [R, 4, h, w]
+    caption: str = ""
+    adapter: object | None = None  # EAAAdapter; object to keep this module free of model imports
     method: str = "eaa"
 
 

@@ -15,10 +15,11 @@ import torch
 
 from pidrt.errors import PidrtError
 from pidrt.models.attention import FoldedLayer, attention_layers, branch_state
-from pidrt.models.branches import eaa_payloads, few_token_payloads
+from pidrt.models.branches import few_token_payloads
 from pidrt.models.build import Models
 from pidrt.models.folded import stack_folded
-from pidrt.runtime.conditioning import Condition, EAACondition, FewTokenCondition, FoldedCondition, ScaleSchedule
+from pidrt.runtime.conditioning import Condition, FewTokenCondition, FoldedCondition, ScaleSchedule
+from pidrt.runtime.eaa_feed import make_feed
 from pidrt.runtime.schedulers import make_scheduler
 
 MAX_STEPS = 1000
@@ -32,6 +33,7 @@ class SamplingConfig:
     width: int = 512
     scheduler: str = "ddim"
     folded: bool = True  # the folded few-token branch (exact, cheaper); False runs the papers' form
+    eaa_placement: str = "resident"  # "resident" | "streamed" | "recompute" (pidrt.runtime.eaa_feed)
 
     def check(self, latent_scale: int) -> None:
         if not 1 <= self.steps <= MAX_STEPS:
@@ -116,17 +118,20 @@ class Pipeline:
         conditions = ([s.condition for s in specs] * (2 if cfg else 1))
         halves = (["uncond"] * len(specs) if cfg else []) + ["cond"] * len(specs)
         fixed = self._few_token_payloads(conditions, halves, config.folded)
-        eaa = self._eaa_steps(conditions, config.steps)
+        feed = make_feed(self, conditions, config.steps, config.eaa_placement, config.scheduler)
+        rows = feed.rows if feed is not None else 0
+        ctx_in = ctx if not rows else torch.cat([feed.ctx, ctx])
         schedules = [s.schedule for s in specs] * (2 if cfg else 1)
         try:
             for i, t in enumerate(sched.timesteps):
-                self.state.layers = fixed if eaa is None else eaa_payloads(self.layers, [None if c is None else c[i] for c in eaa])
-                self.state.scale = torch.tensor(
-                    [sch.at(i) if c is not None else 0.0 for sch, c in zip(schedules, conditions)],
-                    device=self.device, dtype=self.dtype,
-                )
+                self.state.layers = fixed if feed is None else feed.payloads(i)
+                scale = [sch.at(i) if c is not None else 0.0 for sch, c in zip(schedules, conditions)]
+                self.state.scale = torch.tensor([0.0] * rows + scale, device=self.device, dtype=self.dtype)
                 x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, i)
-                eps = self.unet(x_in, t, ctx)
+                eps = self.unet(torch.cat([feed.x, x_in]) if rows else x_in, t, ctx_in)
+                if rows:
+                    feed.advance(eps[:rows], i)
+                    eps = eps[rows:]
                 if cfg:
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + config.guidance * (eps_c - eps_u)
@@ -147,8 +152,6 @@ class Pipeline:
         items = [
             (getattr(c, h) if isinstance(c, FewTokenCondition) else None) for c, h in zip(conditions, halves)
         ]
-        if any(isinstance(c, EAACondition) for c in conditions) and any(i is not None for i in items):
-            raise PidrtError("one batch runs one identity method; got EAA with SCA/IP-Adapter")
         return few_token_payloads(self.models.unet, self.layers, items, folded)
 
     def _prefolded_payloads(self, conditions, halves, folded: bool):
@@ -168,21 +171,3 @@ class Pipeline:
                 raise PidrtError(str(exc)) from None
             payloads[name] = FoldedLayer(present[0].query, branch.to(self.device, self.dtype))
         return payloads
-
-    def _eaa_steps(self, conditions, steps: int):
-        """Per batch element, the per-step K/V list (None for elements without EAA), or None if no EAA."""
-        if not any(isinstance(c, EAACondition) for c in conditions):
-            return None
-        out = []
-        for c in conditions:
-            if not isinstance(c, EAACondition):
-                out.append(None)
-                continue
-            if len(c.steps) != steps:
-                raise PidrtError(
-                    f"EAA features were recorded for {len(c.steps)} steps; this generation runs {steps}. "
-                    "Enroll the identity again with the same step count."
-                )
-            out.append([{k: (kv[0].to(self.device, self.dtype), kv[1].to(self.device, self.dtype))
-                         for k, kv in step.items()} for step in c.steps])
-        return out

@@ -94,3 +94,33 @@ def test_bad_requests_are_clear_errors(tiny_pipe):
     with pytest.raises(PidrtError, match="one identity method"):
         tiny_pipe.generate(CFG, [ImageSpec("p", 1, condition=EAACondition([{}] * 3)),
                                  ImageSpec("p", 1, condition=sca_condition(tiny_pipe, 1))])
+
+
+def test_eaa_placements_give_the_same_images(tiny_pipe):
+    """resident, streamed and recompute feed the same K/V; cached generation costs T UNet calls."""
+    steps = 3
+    adapter = EAAAdapter.random(tiny_pipe.layers, latent_size=8, n_levels=4, s_c=16, seed=2)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    conds = []
+    for r in range(2):
+        inv = invert_and_record(tiny_pipe, tiny_pipe.encode_image(pixels[r:r + 1]), "a face", steps)
+        conds.append(EAACondition(eaa_features(adapter, tiny_pipe, inv), inv.latent_t, "a face", adapter))
+    specs = [ImageSpec("p", 1, condition=conds[0], schedule=ScaleSchedule(0.9)), ImageSpec("q", 2),
+             ImageSpec("r", 3, condition=conds[1], schedule=ScaleSchedule(0.7, start=1))]
+    calls = []
+    hook = tiny_pipe.models.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        images = {}
+        for placement in ("resident", "streamed", "recompute"):
+            calls.clear()
+            config = SamplingConfig(steps=steps, guidance=5.0, height=64, width=64, eaa_placement=placement)
+            images[placement] = tiny_pipe.generate(config, specs).images
+            assert len(calls) == steps
+    finally:
+        hook.remove()
+    assert torch.equal(images["resident"], images["streamed"])
+    assert (images["recompute"] - images["resident"]).abs().max() < 1e-4
+    base = tiny_pipe.generate(SamplingConfig(steps=steps, guidance=5.0, height=64, width=64), [specs[1]]).images
+    assert (images["resident"][1] - base[0]).abs().max() < 1e-4
+    with pytest.raises(PidrtError, match="ddim"):
+        tiny_pipe.generate(SamplingConfig(steps=steps, height=64, width=64, scheduler="dpm++2m"), specs)
