@@ -14,6 +14,7 @@ silently half-loaded model (random-initialised missing weights) produces plausib
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pidrt.errors import FormatError, PidrtError
-from pidrt.models.build import Models, build_text_encoder, build_unet, build_vae
+from pidrt.models.build import Models, build_text_encoder
 from pidrt.models.presets import SD15, Preset, TextConfig
 from pidrt.models.tokenizer import ClipTokenizer, HashTokenizer, Tokenizer
 
@@ -65,21 +66,24 @@ def load_models(
         )
     path = path.resolve()
     tok = ClipTokenizer(Path(tokenizer).expanduser(), preset.text.max_position_embeddings) if tokenizer else None
-    models = _load_folder(path, preset, tok) if path.is_dir() else _load_single_file(path, preset, tok)
+    models = _load_folder(path, preset, tok, dtype) if path.is_dir() else _load_single_file(path, preset, tok)
     for module in (models.unet, models.text_encoder, models.vae):
         module.eval().requires_grad_(False)
-    return models.to(dtype=dtype)
+        # Cast only when needed: diffusers warns on every `.to(dtype)` of a from_pretrained model.
+        if any(p.dtype != dtype for p in module.parameters()):
+            module.to(dtype=dtype)
+    return models
 
 
 # ----------------------------------------------------------------------------- diffusers folder
 
 
-def _load_folder(root: Path, preset: Preset, tok: Tokenizer | None) -> Models:
+def _load_folder(root: Path, preset: Preset, tok: Tokenizer | None, dtype: torch.dtype) -> Models:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     for sub in SUBFOLDERS:
-        if not (root / sub).is_dir():
+        if not (root / sub).is_dir() and not (sub == "tokenizer" and tok is not None):
             raise FormatError(
                 f"{root}: missing subfolder {sub}/; a diffusers SD1.5 folder has {', '.join(s + '/' for s in SUBFOLDERS)}"
             )
@@ -88,9 +92,12 @@ def _load_folder(root: Path, preset: Preset, tok: Tokenizer | None) -> Models:
     _check_diffusers_config(root / "unet", UNet2DConditionModel, preset.unet.diffusers_kwargs(), preset.name)
     _check_text_config(root / "text_encoder", preset.text, preset.name)
     _check_diffusers_config(root / "vae", AutoencoderKL, preset.vae.diffusers_kwargs(), preset.name)
-    unet = _from_pretrained(UNet2DConditionModel, root / "unet")
+    # diffusers takes the dtype at load time (see load_models); transformers' keyword for it
+    # changed between versions, so the text encoder is cast afterwards instead.
+    diffusers_kw = {"torch_dtype": dtype, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+    unet = _from_pretrained(UNet2DConditionModel, root / "unet", **diffusers_kw)
     text_encoder = _from_pretrained(CLIPTextModel, root / "text_encoder")
-    vae = _from_pretrained(AutoencoderKL, root / "vae")
+    vae = _from_pretrained(AutoencoderKL, root / "vae", **diffusers_kw)
     if tok is None:
         tok = ClipTokenizer(root / "tokenizer", preset.text.max_position_embeddings)
     return Models(preset, unet, text_encoder, vae, tok, name=f"folder:{root}:{_folder_stamp(root)}")
@@ -162,9 +169,9 @@ def _weights_file(folder: Path, names: tuple[str, ...]) -> Path:
     raise FormatError(f"{folder}: missing weights file; expected one of {', '.join(names)}")
 
 
-def _from_pretrained(cls, folder: Path):
+def _from_pretrained(cls, folder: Path, **kwargs):
     try:
-        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **kwargs)
     except Exception as exc:  # corrupt files surface as OSError, ValueError, SafetensorError...
         raise FormatError(f"{folder}: could not load {cls.__name__} weights ({exc})") from exc
     # The libraries only warn about missing keys and initialise them randomly; that is an error here.
@@ -182,7 +189,10 @@ def _from_pretrained(cls, folder: Path):
 
 def _folder_stamp(root: Path) -> str:
     h = hashlib.sha256()
-    for file in sorted(p for sub in SUBFOLDERS for p in (root / sub).iterdir() if p.is_file()):
+    # Sizes and mtimes, not contents: hashing ~4 GB on every start would be slow, and the identity
+    # store fingerprints the weights it actually uses separately.
+    files = (p for sub in SUBFOLDERS if (root / sub).is_dir() for p in (root / sub).iterdir() if p.is_file())
+    for file in sorted(files):
         st = file.stat()
         h.update(f"{file.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -224,7 +234,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # SafetensorError, OSError, and whatever a malformed header triggers
         with path.open("rb") as fh:
             head = fh.read(2)
-        hint = " (its bytes look like a zip/pickle: a renamed .ckpt?)" if head[:2] == b"PK" or head[:1] == b"\x80" else ""
+        looks_pickled = head == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+        hint = " (its bytes look like a zip/pickle: a renamed .ckpt?)" if looks_pickled else ""
         raise FormatError(f"{path}: not a valid safetensors file ({exc}){hint}") from exc
 
 
@@ -243,8 +254,12 @@ def _convert(path: Path, state: dict, preset: Preset):
     except ImportError as exc:
         raise PidrtError(f"this diffusers version lacks the LDM single-file converters ({exc})") from exc
 
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = _uninitialised(UNet2DConditionModel, preset.unet.diffusers_kwargs())
+    vae = _uninitialised(AutoencoderKL, preset.vae.diffusers_kwargs())
     with torch.random.fork_rng(devices=[]):  # building draws random init; keep the caller's RNG intact
-        unet, text_encoder, vae = build_unet(preset), build_text_encoder(preset), build_vae(preset)
+        text_encoder = build_text_encoder(preset)  # small, and its position_ids buffer must be real
     # The converters rename keys but hand back the file's own tensors (or views of them), so a
     # tensor's data pointer tells which file key it came from: that is how unused keys are found.
     source = {t.data_ptr(): k for k, t in state.items() if t.numel()}
@@ -278,6 +293,17 @@ def _convert(path: Path, state: dict, preset: Preset):
     return unet, text_encoder, vae
 
 
+def _uninitialised(cls, kwargs: dict) -> torch.nn.Module:
+    """`cls(**kwargs)` on CPU without random init (~10 s for SD1.5's UNet), which the strict load overwrites."""
+    with torch.device("meta"):
+        module = cls(**kwargs)
+    # Non-persistent buffers are not in the state dict, so they would stay uninitialised memory.
+    if {name for name, _ in module.named_buffers()} - set(module.state_dict()):
+        with torch.random.fork_rng(devices=[]):
+            return cls(**kwargs)
+    return module.to_empty(device="cpu")
+
+
 def _place(label: str, module: torch.nn.Module, converted: dict, source: dict, used: set) -> list[str]:
     """Copy converted tensors into `module`; return problems (missing/unexpected/shape) as text."""
     expected = module.state_dict()
@@ -288,7 +314,8 @@ def _place(label: str, module: torch.nn.Module, converted: dict, source: dict, u
         src = source.get(tensor.data_ptr(), key)
         used.add(src)  # reported here if it does not fit, so not again as an unused file key
         if key not in expected:
-            stray.append(f"{src} (-> {key})")  # file key that maps to nothing in this architecture
+            if not _ignorable(src):
+                stray.append(f"{src} (-> {key})")  # a file key that maps to nothing in this architecture
         elif tensor.shape != expected[key].shape:
             shapes.append(f"{src} (-> {key}) is {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
         else:
