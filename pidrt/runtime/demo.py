@@ -38,15 +38,11 @@ class DemoConfig:
 
 
 def sample_face_photo() -> tuple[bytes, str]:
-    """A real photo shipped inside an installed package (nothing is downloaded)."""
-    try:
-        import insightface
+    """A real photo shipped inside an installed package (nothing is downloaded).
 
-        path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-        if path.is_file():
-            return path.read_bytes(), f"insightface/data/images/{path.name}"
-    except ImportError:
-        pass
+    scikit-image's astronaut (one frontal face) first; insightface's t1.jpg (six people, the
+    largest face is enrolled) when scikit-image is absent.
+    """
     try:
         import io
 
@@ -57,7 +53,16 @@ def sample_face_photo() -> tuple[bytes, str]:
         Image.fromarray(data.astronaut()).save(buf, format="PNG")
         return buf.getvalue(), "skimage.data.astronaut"
     except ImportError:
-        raise PidrtError("the demo needs a face photo from insightface or scikit-image: pip install 'pidrt[face]'") from None
+        pass
+    try:
+        import insightface
+
+        path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+        if path.is_file():
+            return path.read_bytes(), f"insightface/data/images/{path.name}"
+    except ImportError:
+        pass
+    raise PidrtError("the demo needs a face photo from scikit-image or insightface: pip install 'pidrt[face]'")
 
 
 def folded_vs_unfolded(pipe: Pipeline, item) -> float:
