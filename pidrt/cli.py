@@ -54,6 +54,8 @@ def cmd_enroll(a: argparse.Namespace) -> int:
         images.append(path.read_bytes())
     options = EnrollOptions(a.method, steps=a.steps, resolution=a.resolution, caption=a.caption,
                             record_from=a.record_from, face_policy=a.face_policy)
+    if a.adapter is not None:
+        setattr(a, f"{a.method}_adapter", a.adapter)
     pipe, encoders = build_runtime(_runtime_options(a))
     result = Enroller(pipe, IdentityStore(a.store), encoders).enroll(images, options)
     print(json.dumps({"id": result.identity_id, "method": result.method, "created": result.created,
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption", default="a photo of a person", help="EAA: inversion prompt")
     p.add_argument("--record-from", choices=["reconstruction", "inversion"], default="reconstruction")
     p.add_argument("--face-policy", choices=["largest", "error"], default="largest")
+    p.add_argument("--adapter", type=Path, help="the adapter file of --method (same as --sca/--ip/--eaa-adapter)")
     p.set_defaults(func=cmd_enroll)
 
     p = sub.add_parser("identities", help="list, show or delete stored identities")

@@ -151,8 +151,14 @@ class Enroller:
         with torch.no_grad():
             if opts.method == "sca":
                 if e.e4e is None:
-                    raise PidrtError("SCA enrollment needs an e4e encoder")
-                codes = torch.cat([e.e4e.encode(image_to_tensor(c)) for c in self._faces(images, opts, "ffhq256")])
+                    raise PidrtError("SCA enrollment needs an e4e encoder (--e4e)")
+                crops = self._faces(images, opts, "ffhq256")
+                with _progress(len(crops), "e4e") as bar:
+                    codes = []
+                    for crop in crops:
+                        codes.append(e.e4e.encode(image_to_tensor(crop)))
+                        bar.update(1)
+                codes = torch.cat(codes)
                 w = aggregate(codes, opts.reference_weights)[None]
                 tokens = {"cond": adapter.mapping(w)[0], "uncond": adapter.mapping.unconditional()[0]}
                 make = SCAIdentity

@@ -1,0 +1,99 @@
+"""Enrollment on a real photo: each method, cache hits, multi-reference, corruption, keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pidrt.errors import PidrtError
+from pidrt.identity.enroll import Enroller, EnrollOptions
+from pidrt.identity.store import IdentityStore
+from pidrt.runtime.conditioning import EAACondition, FoldedCondition, ScaleSchedule
+from pidrt.runtime.demo import sample_face_photo
+from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
+from pidrt.runtime.setup import RuntimeOptions, build_encoders
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def enroller(tmp_path_factory, tiny_pipe):
+    encoders = build_encoders(tiny_pipe, RuntimeOptions(preset="tiny"))
+    return Enroller(tiny_pipe, IdentityStore(tmp_path_factory.mktemp("store")), encoders)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return sample_face_photo()[0]
+
+
+@pytest.mark.parametrize("method", ["sca", "ip", "eaa"])
+def test_enroll_each_method_then_generate(enroller, photo, method):
+    first = enroller.enroll([photo], EnrollOptions(method, steps=STEPS))
+    again = enroller.enroll([photo], EnrollOptions(method, steps=STEPS))
+    assert first.created and not again.created and first.identity_id == again.identity_id
+    assert first.identity_id.startswith(method + "-")
+    cond = enroller.condition(first.identity_id)
+    assert isinstance(cond, EAACondition if method == "eaa" else FoldedCondition)
+    config = SamplingConfig(steps=STEPS, guidance=5.0, height=64, width=64)
+    with_id = enroller.pipe.generate(config, [ImageSpec("p", 1, condition=cond, schedule=ScaleSchedule(0.8))]).images
+    base = enroller.pipe.generate(config, [ImageSpec("p", 1)]).images
+    assert (with_id - base).abs().max() > 1e-4
+
+
+def test_folded_artifact_equals_enrolling_adapter_path(enroller, photo):
+    """The stored A/B reproduce the branch built from the adapter and the stored tokens."""
+    from pidrt.models.branches import SCAIdentity
+    from pidrt.runtime.conditioning import FewTokenCondition
+
+    ident = enroller.enroll([photo], EnrollOptions("sca", steps=STEPS)).identity_id
+    tensors, _ = enroller.store.get(ident)
+    sca = enroller.encoders.sca
+    live = FewTokenCondition("sca", SCAIdentity(sca, tensors["tokens.cond"]), SCAIdentity(sca, tensors["tokens.uncond"]))
+    config = SamplingConfig(steps=STEPS, guidance=5.0, height=64, width=64)
+    images = [enroller.pipe.generate(config, [ImageSpec("p", 3, condition=c, schedule=ScaleSchedule(0.7))]).images
+              for c in (enroller.condition(ident), live)]
+    assert (images[0] - images[1]).abs().max() < 1e-5
+
+
+def test_multi_reference_and_key_fields(enroller, photo):
+    import io
+
+    from PIL import Image
+
+    flipped = io.BytesIO()
+    Image.open(io.BytesIO(photo)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped, format="PNG")
+    one = enroller.enroll([photo], EnrollOptions("ip", steps=STEPS)).identity_id
+    two = enroller.enroll([photo, flipped.getvalue()], EnrollOptions("ip", steps=STEPS)).identity_id
+    weighted = enroller.enroll([photo, flipped.getvalue()], EnrollOptions("ip", reference_weights=(3.0, 1.0))).identity_id
+    assert len({one, two, weighted}) == 3
+    eaa2 = enroller.enroll([photo, flipped.getvalue()], EnrollOptions("eaa", steps=STEPS))
+    cond = enroller.condition(eaa2.identity_id)
+    single = enroller.condition(enroller.enroll([photo], EnrollOptions("eaa", steps=STEPS)).identity_id)
+    name = next(iter(cond.steps[0]))
+    assert cond.steps[0][name][0].shape[0] == 2 * single.steps[0][name][0].shape[0]
+    assert cond.latents_t.shape[0] == 2
+    other_steps = enroller.enroll([photo], EnrollOptions("eaa", steps=STEPS + 1)).identity_id
+    assert other_steps != eaa2.identity_id
+
+
+def test_corrupt_entry_is_rebuilt(enroller, photo):
+    result = enroller.enroll([photo], EnrollOptions("ip", steps=STEPS))
+    path = enroller.store.path(result.identity_id)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again = enroller.enroll([photo], EnrollOptions("ip", steps=STEPS))
+    assert again.created and again.identity_id == result.identity_id
+    enroller.store.get(result.identity_id)  # valid again
+
+
+def test_bad_enrollment_inputs(enroller, photo):
+    with pytest.raises(PidrtError, match="at least one"):
+        enroller.enroll([], EnrollOptions("sca"))
+    with pytest.raises(PidrtError, match="unknown method"):
+        EnrollOptions("lora")
+    with pytest.raises(PidrtError):
+        enroller.enroll([b"definitely not an image"], EnrollOptions("ip"))
+    with pytest.raises(PidrtError, match="latents"):
+        enroller.enroll([photo], EnrollOptions("eaa", steps=STEPS, resolution=128))
