@@ -9,28 +9,7 @@ import sys
 from pathlib import Path
 
 from pidrt.errors import PidrtError
-
-
-def _runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
-    p.add_argument("--model", type=Path, help="diffusers SD1.5 folder or single-file .safetensors (default: random weights)")
-    p.add_argument("--sca-adapter", type=Path, help="pidrt SCA .safetensors or the W+ adapter's wplus_adapter.bin")
-    p.add_argument("--ip-adapter", type=Path, help="ip-adapter*.safetensors / .bin")
-    p.add_argument("--eaa-adapter", type=Path, help="pidrt EAA .safetensors")
-    p.add_argument("--e4e", type=Path, help="e4e_ffhq_encode.pt (SCA's W+ encoder)")
-    p.add_argument("--image-encoder", type=Path, help="CLIP vision folder (IP-Adapter)")
-    p.add_argument("--arcface-pack", help="insightface model pack path or name (IP-Adapter FaceID)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-
-
-def _runtime_options(a: argparse.Namespace):
-    from pidrt.runtime.setup import RuntimeOptions
-
-    return RuntimeOptions(
-        preset=a.preset, model=a.model, sca_adapter=a.sca_adapter, ip_adapter=a.ip_adapter, eaa_adapter=a.eaa_adapter,
-        e4e=a.e4e, image_encoder=a.image_encoder, arcface_pack=a.arcface_pack, device=a.device, dtype=a.dtype,
-    )
+from pidrt.runtime.setup import add_runtime_arguments, runtime_options_from_args
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -56,7 +35,7 @@ def cmd_enroll(a: argparse.Namespace) -> int:
                             record_from=a.record_from, face_policy=a.face_policy)
     if a.adapter is not None:
         setattr(a, f"{a.method}_adapter", a.adapter)
-    pipe, encoders = build_runtime(_runtime_options(a))
+    pipe, encoders = build_runtime(runtime_options_from_args(a))
     result = Enroller(pipe, IdentityStore(a.store), encoders).enroll(images, options)
     print(json.dumps({"id": result.identity_id, "method": result.method, "created": result.created,
                       "seconds": round(result.seconds, 3)}))
@@ -78,6 +57,12 @@ def cmd_identities(a: argparse.Namespace) -> int:
         store.delete(a.id)
         print(json.dumps({"deleted": a.id}))
     return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from pidrt.serve.app import config_from_args, serve_main
+
+    return serve_main(config_from_args(a))
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
@@ -110,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("enroll", help="enroll face images as an identity; prints its id")
-    _runtime_args(p)
+    add_runtime_arguments(p)
     p.add_argument("--method", choices=["sca", "ip", "eaa"], required=True)
     p.add_argument("--face", type=Path, nargs="+", required=True)
     p.add_argument("--store", type=Path, required=True)
@@ -127,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?")
     p.add_argument("--store", type=Path, required=True)
     p.set_defaults(func=cmd_identities)
+
+    p = sub.add_parser("serve", help="the HTTP service (docs/serving.md)")
+    from pidrt.serve.app import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="what is installed and which backends can run")
     p.set_defaults(func=cmd_doctor)

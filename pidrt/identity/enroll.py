@@ -131,7 +131,7 @@ class Enroller:
         kind = {"ffhq256": "pidiff", "face512": "inv_adapter", "arcface112": "arcface"}[crop]
         out = []
         for n, data in enumerate(images):
-            name = f"image {n + 1}"
+            name = f"reference {n + 1}"
             img = faces.load_image(data, name=name)
             out.append(faces.preprocess(img, kind, policy=opts.face_policy, name=name, backend=opts.detector)[crop])
         return out

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from pidrt.errors import PidrtError
-from pidrt.models.attention import EAAKV, EAARows, LayerInfo, Payload
+from pidrt.models.attention import EAARows, LayerInfo, Payload
 from pidrt.models.branches import eaa_payloads
 from pidrt.runtime.conditioning import EAACondition
 from pidrt.runtime.schedulers import DDIM

@@ -7,6 +7,7 @@ not given is unavailable, and enrolling with it says which file is missing.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,4 +86,27 @@ def build_encoders(pipe: Pipeline, opts: RuntimeOptions) -> Encoders:
         image_encoder=ClipImageEncoder.load(opts.image_encoder) if opts.image_encoder
         else (ClipImageEncoder.random(64, opts.seed) if random_ok else None),
         arcface_pack=opts.arcface_pack,
+    )
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every command that builds a pipeline takes (CLI, serve, bench)."""
+    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--model", type=Path, help="diffusers SD1.5 folder or single-file .safetensors (default: random weights)")
+    p.add_argument("--sca-adapter", type=Path, help="pidrt SCA .safetensors or the W+ adapter's wplus_adapter.bin")
+    p.add_argument("--ip-adapter", type=Path, help="ip-adapter*.safetensors / .bin")
+    p.add_argument("--eaa-adapter", type=Path, help="pidrt EAA .safetensors")
+    p.add_argument("--e4e", type=Path, help="e4e_ffhq_encode.pt (SCA's W+ encoder)")
+    p.add_argument("--image-encoder", type=Path, help="CLIP vision folder (IP-Adapter)")
+    p.add_argument("--arcface-pack", help="insightface model pack path or name (IP-Adapter FaceID)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights (when no --model)")
+
+
+def runtime_options_from_args(a: argparse.Namespace) -> "RuntimeOptions":
+    return RuntimeOptions(
+        preset=a.preset, model=a.model, sca_adapter=a.sca_adapter, ip_adapter=a.ip_adapter, eaa_adapter=a.eaa_adapter,
+        e4e=a.e4e, image_encoder=a.image_encoder, arcface_pack=a.arcface_pack, device=a.device, dtype=a.dtype,
+        seed=a.seed,
     )

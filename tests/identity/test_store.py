@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save as st_save
 
 from pidrt.errors import FormatError, PidrtError
 from pidrt.identity.store import (

@@ -1,0 +1,513 @@
+"""`Generator`: requests in, images + per-image metadata out, with dynamic batching.
+
+It owns one pipeline (the runners of one backend and the scheduler), an LRU of text embeddings,
+an LRU of identity conditions and the identity store / enroller, and runs every generation on a
+single worker thread. The API is thread-safe and asyncio-friendly and needs no server:
+
+    gen = Generator(pipe, enroller, GeneratorConfig(max_batch=8))
+    result = gen.generate(GenerationRequest("a photo", identity="ip-0123456789abcdef", seed=7))
+    result.images[0].data      # PNG bytes; .seed, .identity, .method, .backend, .pixels
+    job = gen.submit(request)  # non-blocking: job.result(), await job.wait(), job.stream(), job.cancel()
+
+Batching (`pidrt.runtime.batching`): requests with the same size, steps, scheduler and guidance
+and a compatible identity method (one method a batch; no identity joins any batch) share UNet
+calls, up to `max_batch` images, waiting at most `max_wait_ms` for company. Every image is
+reproducible from its seed whatever else is in its batch (the pipeline draws each image's noise
+from its own seed). A full queue raises `Overloaded` (with a retry-after hint), a request past
+its timeout fails with `GenerationTimeout`.
+
+Cancellation: a queued request is removed from the queue. A running request finishes at once as
+cancelled (its listeners get `cancelled`, its waiters `Cancelled`), but its rows keep being
+computed and are dropped at the end when it shares the batch with live requests, so the others
+are not disturbed; the batch stops between two steps only when every request in it is cancelled
+or timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pidrt.errors import PidrtError
+from pidrt.runtime.batching import BatchQueue, Entry, QueueClosed, QueueFull
+from pidrt.runtime.conditioning import EAACondition, ScaleSchedule
+from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
+from pidrt.runtime.requests import (BatchInfo, Event, FORMATS, GeneratedImage, GenerationFailed, GenerationRequest, GenerationResult, GeneratorClosed, GeneratorConfig, InvalidRequest, MAX_SEED, METHODS, Overloaded, ResolvedRequest)
+from pidrt.runtime.jobs import Job
+from pidrt.runtime.text_cache import TextEmbeddingCache
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class _Identity:
+    condition: Any
+    method: str
+    steps: int | None = None  # EAA: the step count its features were recorded for
+    resolution: int | None = None  # EAA: the image side they were recorded at
+
+
+class _Stop(Exception):
+    """Raised from on_step when no live request is left in the batch."""
+
+
+# -------------------------------------------------------------------------------- generator
+class Generator:
+    """See the module docstring. `pipe` needs `generate(config, specs, on_step)`, `encode_text`,
+    `models.preset`; `enroller` (optional) gives identities; `backend` names the runners."""
+
+    def __init__(self, pipe, enroller=None, config: GeneratorConfig | None = None, backend: str | None = None):
+        self.pipe, self.enroller = pipe, enroller
+        self.store = getattr(enroller, "store", None)
+        self.config = config or GeneratorConfig()
+        self.backend = backend or str(getattr(pipe, "backend", "torch"))
+        self.preset = pipe.models.preset
+        existing = getattr(pipe, "encode_text", None)
+        self._installed_cache = not isinstance(existing, TextEmbeddingCache)
+        if self._installed_cache:
+            # Pipeline.generate calls self.encode_text: an instance attribute puts the cache in front.
+            self.text_cache = TextEmbeddingCache(existing, self.config.text_cache_size)
+            pipe.encode_text = self.text_cache
+        else:
+            self.text_cache = existing
+        self._identities: OrderedDict[str, _Identity] = OrderedDict()
+        self._id_lock = threading.Lock()
+        self._id_stats = Counter()
+        self._queue = BatchQueue(self.config.max_batch, self.config.max_wait_ms / 1000, self.config.queue_size)
+        self._pipe_lock = threading.Lock()  # generation and EAA enrollment both drive the UNet's state
+        self._jobs_lock = threading.Lock()
+        self._running: list[Job] = []
+        self._batch_ids = itertools.count(1)
+        self._batch_sizes: Counter[int] = Counter()
+        self._outcomes: Counter[str] = Counter()
+        self._images = 0
+        self._batch_seconds = 1.0  # moving average, for the retry-after hint
+        self._observers: list[Any] = []
+        self._post = ThreadPoolExecutor(self.config.encode_workers, thread_name_prefix="pidrt-encode")
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="pidrt-generator", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def ready(self) -> bool:
+        return not self._closed and self._worker.is_alive()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse new requests, fail the queued ones (GeneratorClosed), finish the running batch."""
+        if self._closed:
+            return
+        self._closed = True
+        for entry in self._queue.close():
+            entry.item.cancel_with(GeneratorClosed("the generator is shutting down"))
+        self._worker.join(timeout)
+        self._post.shutdown(wait=True)
+        if self._installed_cache and self.pipe.__dict__.get("encode_text") is self.text_cache:
+            del self.pipe.encode_text  # the pipeline is the caller's again, as it was
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add_observer(self, observer: Any) -> None:
+        """Hooks, each optional: on_batch(BatchInfo, jobs), on_job_done(Job), on_rejected(error)."""
+        self._observers.append(observer)
+
+    def _notify(self, hook: str, *args) -> None:
+        for obs in self._observers:
+            fn = getattr(obs, hook, None)
+            if fn is not None:
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("generator observer %s failed", hook)
+
+    # ------------------------------------------------------------------ identities
+    def _require_store(self):
+        if self.enroller is None:
+            raise InvalidRequest("this generator has no identity store")
+        return self.enroller
+
+    def identity(self, identity_id: str) -> _Identity:
+        """The (cached) condition of a stored identity; UnknownIdentityError if there is none."""
+        with self._id_lock:
+            hit = self._identities.get(identity_id)
+        # A stat per request: an entry deleted by another process (a Ray replica) stops working here too.
+        if hit is not None and self.store is not None and identity_id not in self.store:
+            self.forget(identity_id)
+            hit = None
+        if hit is not None:
+            with self._id_lock:
+                if identity_id in self._identities:
+                    self._identities.move_to_end(identity_id)
+                self._id_stats["hits"] += 1
+            return hit
+        enroller = self._require_store()
+        condition = enroller.condition(identity_id)  # validates the id, reads and verifies the entry
+        method = identity_id.split("-", 1)[0]
+        ident = _Identity(condition, method)
+        if isinstance(condition, EAACondition):
+            ident.steps = len(condition.steps)
+            params = dict(self.store.show(identity_id).key.params)
+            with contextlib.suppress(KeyError, ValueError):
+                ident.resolution = int(params["resolution"])
+        with self._id_lock:
+            self._id_stats["misses"] += 1
+            if self.config.identity_cache_size:
+                self._identities[identity_id] = ident
+                while len(self._identities) > self.config.identity_cache_size:
+                    self._identities.popitem(last=False)
+        return ident
+
+    def forget(self, identity_id: str) -> bool:
+        """Drop an identity's cached condition (after a delete, or when Ray unloads it)."""
+        with self._id_lock:
+            return self._identities.pop(identity_id, None) is not None
+
+    def cached_identities(self) -> list[str]:
+        with self._id_lock:
+            return list(self._identities)
+
+    def enroll(self, images: Sequence[bytes], method: str = "ip", steps: int | None = None, **options):
+        """Enroll face photos (raw file bytes); returns pidrt.identity.enroll.Enrollment.
+
+        `steps` (EAA) defaults to the generator's default step count, which generations must use.
+        Other options go to EnrollOptions (caption, face_policy, resolution, ...).
+        """
+        from pidrt.identity.enroll import EnrollOptions
+
+        enroller = self._require_store()
+        if method not in METHODS:
+            raise InvalidRequest(f"unknown method {method!r}; choose one of {list(METHODS)}")
+        if self._closed:
+            raise GeneratorClosed("the generator is shutting down")
+        steps = self.config.defaults.steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.config.limits.max_steps:
+            raise InvalidRequest(f"steps must be an integer in 1..{self.config.limits.max_steps}; got {steps!r}")
+        if not images or not all(isinstance(i, (bytes, bytearray)) and len(i) for i in images):
+            raise InvalidRequest("enrollment needs one or more non-empty image files")
+        options = {k: v for k, v in options.items() if v is not None}
+        options.setdefault("detector", self.config.enroll_detector)
+        opts = EnrollOptions(method, steps=steps, **options)
+        # EAA inversion drives the UNet's branch state: not while a batch runs.
+        with self._pipe_lock if method == "eaa" else contextlib.nullcontext():
+            return enroller.enroll(list(images), opts)
+
+    def list_identities(self):
+        return self._require_store().store.list()
+
+    def show_identity(self, identity_id: str):
+        return self._require_store().store.show(identity_id)
+
+    def delete_identity(self, identity_id: str) -> None:
+        self._require_store().store.delete(identity_id)
+        self.forget(identity_id)
+
+    # ------------------------------------------------------------------ requests
+    def resolve(self, req: GenerationRequest) -> ResolvedRequest:
+        """Validate `req` against the limits and fill in the defaults (InvalidRequest if it is bad)."""
+        d, lim = self.config.defaults, self.config.limits
+
+        def number(name, value, lo, hi, integer=False):
+            ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+                raise InvalidRequest(f"{name} must be {'an integer' if integer else 'a number'}; got {value!r}")
+            if not lo <= value <= hi:
+                raise InvalidRequest(f"{name} must be in {lo}..{hi}; got {value}")
+            return value
+
+        if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt or "", str):
+            raise InvalidRequest("prompt and negative_prompt must be strings")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(req, name) or ""
+            if len(text) > lim.max_prompt_chars:
+                raise InvalidRequest(f"{name} is {len(text)} characters; the limit is {lim.max_prompt_chars}")
+        steps = number("steps", d.steps if req.steps is None else req.steps, 1, lim.max_steps, integer=True)
+        guidance = float(number("guidance", d.guidance if req.guidance is None else req.guidance, 0, lim.max_guidance))
+        scale = float(number("scale", d.scale if req.scale is None else req.scale, 0, lim.max_scale))
+        start = number("scale_start", req.scale_start, 0, steps, integer=True)
+        end = None if req.scale_end is None else number("scale_end", req.scale_end, start, steps, integer=True)
+        side = self.preset.resolution
+        width = d.width or side if req.width is None else req.width
+        height = d.height or side if req.height is None else req.height
+        multiple = self.preset.latent_scale
+        for name, v in (("width", width), ("height", height)):
+            number(name, v, lim.min_side, lim.max_side, integer=True)
+            if v % multiple:
+                raise InvalidRequest(f"{name} must be a multiple of {multiple}; got {v}")
+        scheduler = req.scheduler or d.scheduler
+        from pidrt.runtime.schedulers import _SCHEDULERS
+
+        if scheduler not in _SCHEDULERS or scheduler == "ddim_inverse":
+            raise InvalidRequest(f"unknown scheduler {scheduler!r}; choose one of "
+                                 f"{[s for s in _SCHEDULERS if s != 'ddim_inverse']}")
+        fmt = (req.output_format or d.output_format).lower()
+        if fmt == "jpg":
+            fmt = "jpeg"
+        if fmt not in FORMATS:
+            raise InvalidRequest(f"output_format must be one of {list(FORMATS)}; got {req.output_format!r}")
+        quality = number("quality", d.quality if req.quality is None else req.quality, 0, 100, integer=True)
+        timeout = self.config.timeout_s if req.timeout_s is None else \
+            float(number("timeout_s", req.timeout_s, 0.001, self.config.timeout_s))
+
+        seed = req.seed
+        if seed is not None and not isinstance(seed, int) or isinstance(seed, bool):
+            if not isinstance(seed, (list, tuple)) or not seed:
+                raise InvalidRequest(f"seed must be an integer or a non-empty list of integers; got {seed!r}")
+        if isinstance(seed, (list, tuple)):
+            n = len(seed) if req.n is None else req.n
+            if len(seed) != n:
+                raise InvalidRequest(f"{len(seed)} seeds given for n={n} images; give one seed per image")
+        else:
+            n = 1 if req.n is None else req.n
+        number("n", n, 1, lim.max_n, integer=True)
+        if seed is None:
+            seeds = tuple(secrets.randbits(32) for _ in range(n))
+        elif isinstance(seed, (list, tuple)):
+            seeds = tuple(number("seed", s, 0, MAX_SEED, integer=True) for s in seed)
+        else:
+            number("seed", seed, 0, MAX_SEED - n, integer=True)
+            seeds = tuple(seed + i for i in range(n))
+
+        identity, method = req.identity or None, req.method or None
+        if method is not None and method not in METHODS:
+            raise InvalidRequest(f"unknown method {method!r}; choose one of {list(METHODS)}")
+        if identity is not None:
+            if not isinstance(identity, str):
+                raise InvalidRequest(f"identity must be an id string; got {identity!r}")
+            id_method = identity.split("-", 1)[0]
+            if method is not None and id_method in METHODS and method != id_method:
+                raise InvalidRequest(f"identity {identity} was enrolled with {id_method}, not {method}")
+            method = id_method
+        elif method is not None:
+            method = None  # a method without an identity has nothing to apply
+        return ResolvedRequest(
+            prompt=req.prompt, negative_prompt=req.negative_prompt or "", identity=identity, method=method,
+            scale=scale, scale_start=start, scale_end=end, steps=steps, guidance=guidance, seeds=seeds,
+            width=width, height=height, n=n, output_format=fmt, quality=quality, scheduler=scheduler,
+            timeout_s=timeout,
+        )
+
+    def _check_identity(self, r: ResolvedRequest, ident: _Identity) -> None:
+        if ident.method != "eaa":
+            return
+        if ident.steps is not None and ident.steps != r.steps:
+            raise InvalidRequest(f"EAA identity {r.identity} was enrolled for {ident.steps} steps; this request "
+                                 f"runs {r.steps}. Ask for steps={ident.steps} or enroll it again.")
+        if r.scheduler != "ddim":
+            raise InvalidRequest(f"EAA identities follow the DDIM schedule they were recorded on; use scheduler "
+                                 f"'ddim', not {r.scheduler!r}")
+        if ident.resolution is not None and (r.width, r.height) != (ident.resolution, ident.resolution):
+            raise InvalidRequest(f"EAA identity {r.identity} was enrolled at {ident.resolution}x{ident.resolution}; "
+                                 f"this request asks for {r.width}x{r.height}")
+
+    def submit(self, request: GenerationRequest | ResolvedRequest,
+               on_event: Callable[[Event], None] | None = None) -> Job:
+        """Validate and enqueue; returns at once. Raises InvalidRequest, UnknownIdentityError,
+        Overloaded or GeneratorClosed instead of queuing a request that cannot run."""
+        try:
+            if self._closed:
+                raise GeneratorClosed("the generator is shutting down")
+            r = request if isinstance(request, ResolvedRequest) else self.resolve(request)
+            condition = None
+            if r.identity is not None:
+                ident = self.identity(r.identity)
+                self._check_identity(r, ident)
+                condition = ident.condition
+            job = Job(self, r, condition, on_event)
+            job.entry = Entry(r.batch_key, r.method, r.n, job)
+            with job._lock:
+                try:
+                    self._queue.put(job.entry)
+                except QueueFull as exc:
+                    raise Overloaded(f"{exc}; retry later", retry_after=self.retry_after()) from None
+                except QueueClosed:
+                    raise GeneratorClosed("the generator is shutting down") from None
+                job._emit("queued", data={"position": len(self._queue)})
+        except Exception as exc:
+            self._notify("on_rejected", exc)
+            raise
+        return job
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        """Blocking: submit and wait."""
+        return self.submit(request).result(timeout)
+
+    async def agenerate(self, request: GenerationRequest,
+                        on_event: Callable[[Event], None] | None = None) -> GenerationResult:
+        """Asyncio: submit (off the event loop: a cold identity reads the store) and await."""
+        job = await asyncio.to_thread(self.submit, request, on_event)
+        return await job.wait()
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has probably drained enough to take another request."""
+        batches = math.ceil((self._queue.pending_images() + 1) / self.config.max_batch)
+        return max(1.0, round(batches * self._batch_seconds, 1))
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def stats(self) -> dict:
+        with self._jobs_lock:
+            running = len(self._running)
+            sizes = dict(sorted(self._batch_sizes.items()))
+            outcomes = dict(self._outcomes)
+            images = self._images
+        with self._id_lock:
+            ids = {"entries": len(self._identities), "capacity": self.config.identity_cache_size, **self._id_stats}
+        return {"queue_depth": len(self._queue), "queued_images": self._queue.pending_images(), "running": running,
+                "batches": sum(sizes.values()), "batch_sizes": sizes, "images": images, "outcomes": outcomes,
+                "avg_batch_s": round(self._batch_seconds, 4), "text_cache": self.text_cache.stats(),
+                "identity_cache": ids, "backend": self.backend, "ready": self.ready}
+
+    def _job_finished(self, job: Job) -> None:
+        with self._jobs_lock:
+            self._outcomes[job.state] += 1
+            if job.state == "done" and job._result is not None:
+                self._images += len(job._result.images)
+        self._notify("on_job_done", job)
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while True:
+            batch = self._queue.take(poll_s=1.0)
+            if batch is None:
+                return
+            if not batch:
+                continue
+            try:
+                self._run_batch([e.item for e in batch])
+            except Exception:  # never reached by design; the worker must survive anyway
+                log.exception("generator worker: unexpected error")
+
+    def _sampling(self, r: ResolvedRequest) -> SamplingConfig:
+        kw = dict(steps=r.steps, guidance=r.guidance, height=r.height, width=r.width, scheduler=r.scheduler,
+                  folded=self.config.folded)
+        if "eaa_placement" in {f.name for f in fields(SamplingConfig)}:
+            kw["eaa_placement"] = self.config.eaa_placement
+        return SamplingConfig(**kw)
+
+    def _run_batch(self, jobs: list[Job], isolated: bool = False) -> None:
+        jobs = [j for j in jobs if not j.done]
+        method = next((j.request.method for j in jobs if j.request.method), None)
+        info = BatchInfo(next(self._batch_ids), sum(j.request.n for j in jobs), len(jobs), method)
+        started = [j for j in jobs if j._start(info)]
+        if not started:
+            return
+        if len(started) != len(jobs):  # one expired or was cancelled in between
+            jobs = started
+            info = BatchInfo(info.id, sum(j.request.n for j in jobs), len(jobs), method)
+        with self._jobs_lock:
+            self._running = list(jobs)
+            self._batch_sizes[info.images] += 1
+        self._notify("on_batch", info, jobs)
+        r0 = jobs[0].request
+        specs = []
+        for j in jobs:
+            r = j.request
+            schedule = ScaleSchedule(r.scale, r.scale_start, r.scale_end)
+            specs += [ImageSpec(r.prompt, s, r.negative_prompt, j.condition, schedule) for s in r.seeds]
+
+        def on_step(i: int, steps: int) -> None:
+            alive = False
+            now = time.monotonic()
+            for j in jobs:
+                if j.done:
+                    continue
+                if now >= j.deadline:
+                    j._expire()
+                    continue
+                j._emit("step", step=i + 1, steps=steps)
+                alive = True
+            if not alive:
+                raise _Stop()
+
+        clock = time.perf_counter()
+        try:
+            with self._pipe_lock:
+                out = self.pipe.generate(self._sampling(r0), specs, on_step=on_step)
+        except _Stop:
+            return
+        except Exception as exc:
+            live = [j for j in jobs if not j.done]
+            if len(live) > 1 and not isolated:
+                log.warning("batch %d failed (%s: %s); running its %d requests one by one",
+                            info.id, type(exc).__name__, exc, len(live))
+                for j in live:
+                    j.state, j.entry = "queued", None
+                    self._run_batch([j], isolated=True)
+                return
+            if not isinstance(exc, PidrtError):
+                log.exception("batch %d failed", info.id)
+                exc = GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
+            for j in live:
+                j.cancel_with(exc)
+            return
+        finally:
+            with self._jobs_lock:
+                self._running = []
+        seconds = time.perf_counter() - clock
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        pixels = out.images.detach().float().clamp(0, 1).cpu()
+        latents = out.latents.detach().float().cpu()
+        row = 0
+        for j in jobs:
+            rows = slice(row, row + j.request.n)
+            row += j.request.n
+            if j.done:
+                continue  # cancelled or timed out while batched: its rows are dropped
+            try:
+                self._post.submit(self._complete, j, pixels[rows], latents[rows], dict(out.timings), info)
+            except RuntimeError:  # the encoder pool is shut down: close() gave up waiting for this batch
+                j.cancel_with(GeneratorClosed("the generator shut down before the images were encoded"))
+
+    def _complete(self, job: Job, pixels: torch.Tensor, latents: torch.Tensor, timings: dict, info: BatchInfo):
+        try:
+            r = job.request
+            clock = time.perf_counter()
+            arrays = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            images = [
+                GeneratedImage(index=i, seed=seed, data=encode_image(arr, r.output_format, r.quality),
+                               format=r.output_format, width=r.width, height=r.height, identity=r.identity,
+                               method=r.method, backend=self.backend, pixels=pixels[i].clone(),
+                               latents=latents[i].clone())
+                for i, (seed, arr) in enumerate(zip(r.seeds, arrays))
+            ]
+            timings = {"queue_s": (job.started or job.submitted) - job.submitted, **timings,
+                       "encode_s": time.perf_counter() - clock, "total_s": time.monotonic() - job.submitted}
+            job._finish(result=GenerationResult(job.id, int(job.created), r, images,
+                                                {k: round(v, 6) for k, v in timings.items()}, info, self.backend))
+        except Exception as exc:
+            log.exception("encoding the images of job %s failed", job.id)
+            job.cancel_with(GenerationFailed(f"encoding images failed: {type(exc).__name__}: {exc}"))
+
+
+def encode_image(array, fmt: str, quality: int = 95) -> bytes:
+    """[H, W, 3] uint8 -> PNG / JPEG / WebP bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    image = Image.fromarray(array, "RGB")
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    elif fmt == "jpeg":
+        image.save(buf, format="JPEG", quality=int(quality))
+    elif fmt == "webp":
+        image.save(buf, format="WEBP", quality=int(quality))
+    else:
+        raise InvalidRequest(f"output_format must be one of {list(FORMATS)}; got {fmt!r}")
+    return buf.getvalue()

@@ -1,0 +1,25 @@
+"""The generator every server builds: real weights when given, else a preset's random weights.
+
+Shared by `pidrt serve --preset tiny`, the service tests, the load benchmark and the Ray Serve
+replicas, so all of them run the same thing with nothing downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pidrt.runtime.generator import Generator
+from pidrt.runtime.requests import GeneratorConfig
+from pidrt.runtime.setup import RuntimeOptions
+
+
+def build_generator(store_dir: str | Path, runtime: RuntimeOptions | None = None,
+                    config: GeneratorConfig | None = None) -> Generator:
+    """A running Generator over `runtime` (default: tiny, random weights) and an identity store at `store_dir`."""
+    from pidrt.identity.enroll import Enroller
+    from pidrt.identity.store import IdentityStore
+    from pidrt.runtime.setup import build_runtime
+
+    pipe, encoders = build_runtime(runtime or RuntimeOptions())
+    enroller = Enroller(pipe, IdentityStore(Path(store_dir)), encoders)
+    return Generator(pipe, enroller, config or GeneratorConfig(), backend="torch")

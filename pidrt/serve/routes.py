@@ -1,0 +1,182 @@
+"""The FastAPI endpoints (thin: parse, call the service, render)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Optional
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pidrt.errors import PidrtError
+from pidrt.runtime.requests import Overloaded, error_info
+from pidrt.serve.protocol import (
+    GenerationBody,
+    error_body,
+    event_body,
+    identity_body,
+    result_body,
+)
+from pidrt.serve.service import ImageService, UploadError, UploadTooLarge
+
+
+def error_response(exc: BaseException, param: str | None = None) -> JSONResponse:
+    info = error_info(exc)
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return JSONResponse(error_body(info, param), status_code=info["status"], headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        ctx = next(e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid")
+        return f"malformed JSON body: {ctx.get('error', 'cannot parse')}", None
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form")]
+        where = ".".join(loc) or "body"
+        param = param or where
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts), param
+
+
+class MetricsMiddleware:
+    """Pure ASGI (streams and disconnect detection pass through untouched): counts and times requests."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        clock = time.perf_counter()
+        seen = False
+
+        async def send_wrapper(message):
+            nonlocal seen
+            if message["type"] == "http.response.start" and not seen:
+                seen = True
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.observe_http(route, message["status"], time.perf_counter() - clock)
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
+    cfg = service.config
+
+    @app.exception_handler(PidrtError)
+    async def _pidrt_error(request: Request, exc: PidrtError):
+        service._error(exc)  # counts it unless the service already did
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        if metrics is not None:
+            metrics.observe_error("invalid_request")
+        return JSONResponse(error_body({"message": message, "type": "invalid_request", "status": 400}, param),
+                            status_code=400)
+
+    # ------------------------------------------------------------------ generations
+    @app.post("/v1/images/generations")
+    async def generations(body: GenerationBody, request: Request):
+        result = await service.generate(body.to_request(), request.is_disconnected)
+        return result_body(result)
+
+    # ------------------------------------------------------------------ jobs
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(body: GenerationBody):
+        rec = await service.create_job(body.to_request())
+        return {**rec.summary(), "object": "job", "events_url": f"/v1/jobs/{rec.id}/events"}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str):
+        rec = service.get_job(job_id)
+        out = {**rec.summary(), "object": "job"}
+        if rec.result is not None:
+            out["result"] = result_body(rec.result)
+        return out
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str):
+        rec = service.cancel_job(job_id)
+        return {**rec.summary(), "object": "job"}
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str):
+        rec = service.get_job(job_id)
+
+        async def sse():
+            async for ev in rec.stream(cfg.sse_keepalive_s):
+                if ev is None:
+                    yield ": keepalive\n\n"
+                    continue
+                data = json.dumps(event_body(ev, rec.id), separators=(",", ":"))
+                yield f"id: {ev.seq}\nevent: {ev.type}\ndata: {data}\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------------ identities
+    @app.post("/v1/identities", status_code=201)
+    async def enroll(images: list[UploadFile] = File(..., description="face photos (one person)"),
+                     method: str = Form("ip"),
+                     steps: Optional[int] = Form(None),
+                     caption: Optional[str] = Form(None),
+                     face_policy: Optional[str] = Form(None)):
+        if len(images) > cfg.max_upload_images:
+            raise UploadError(f"{len(images)} images uploaded; the limit is {cfg.max_upload_images}")
+        data = []
+        for n, upload in enumerate(images):
+            blob = await upload.read(cfg.max_upload_bytes + 1)
+            name = upload.filename or f"image {n + 1}"
+            if len(blob) > cfg.max_upload_bytes:
+                raise UploadTooLarge(f"{name} is larger than the {cfg.max_upload_bytes} byte limit")
+            if not blob:
+                raise UploadError(f"{name} is empty")
+            data.append(blob)
+        out = await service.enroll(data, method, {"caption": caption, "face_policy": face_policy, "steps": steps})
+        return {"object": "identity", "id": out["identity_id"], "method": out["method"], "created": out["created"],
+                "seconds": round(out["seconds"], 4)}
+
+    @app.get("/v1/identities")
+    async def list_identities():
+        return {"object": "list", "data": [identity_body(e) for e in await service.list_identities()]}
+
+    @app.get("/v1/identities/{identity_id}")
+    async def show_identity(identity_id: str):
+        return {"object": "identity", **identity_body(await service.show_identity(identity_id))}
+
+    @app.delete("/v1/identities/{identity_id}")
+    async def delete_identity(identity_id: str):
+        await service.delete_identity(identity_id)
+        return {"object": "identity", "id": identity_id, "deleted": True}
+
+    # ------------------------------------------------------------------ operations
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if await service.engine.ready():
+            return {"status": "ready", "backend": service.engine.backend}
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    @app.get("/v1/stats")
+    async def stats():
+        return await service.engine.stats()
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        if metrics is None:
+            return Response("metrics are disabled\n", status_code=404, media_type="text/plain")
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
