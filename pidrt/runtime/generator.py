@@ -74,14 +74,7 @@ class Generator:
         self.config = config or GeneratorConfig()
         self.backend = backend or str(getattr(pipe, "backend", "torch"))
         self.preset = pipe.models.preset
-        existing = getattr(pipe, "encode_text", None)
-        self._installed_cache = not isinstance(existing, TextEmbeddingCache)
-        if self._installed_cache:
-            # Pipeline.generate calls self.encode_text: an instance attribute puts the cache in front.
-            self.text_cache = TextEmbeddingCache(existing, self.config.text_cache_size)
-            pipe.encode_text = self.text_cache
-        else:
-            self.text_cache = existing
+        self.text_cache = TextEmbeddingCache(pipe.encode_text, self.config.text_cache_size)
         self._identities: OrderedDict[str, _Identity] = OrderedDict()
         self._id_lock = threading.Lock()
         self._id_stats = Counter()
@@ -114,8 +107,6 @@ class Generator:
             entry.item.cancel_with(GeneratorClosed("the generator is shutting down"))
         self._worker.join(timeout)
         self._post.shutdown(wait=True)
-        if self._installed_cache and self.pipe.__dict__.get("encode_text") is self.text_cache:
-            del self.pipe.encode_text  # the pipeline is the caller's again, as it was
 
     def __enter__(self) -> "Generator":
         return self
@@ -439,7 +430,7 @@ class Generator:
         clock = time.perf_counter()
         try:
             with self._pipe_lock:
-                out = self.pipe.generate(self._sampling(r0), specs, on_step=on_step)
+                out = self.pipe.generate(self._sampling(r0), specs, on_step=on_step, encode=self.text_cache)
         except _Stop:
             return
         except Exception as exc:

@@ -98,8 +98,12 @@ class Pipeline:
         return self.models.unet(x, t, encoder_hidden_states=ctx).sample
 
     def generate(self, config: SamplingConfig, specs: Sequence[ImageSpec],
-                 on_step: Callable[[int, int], None] | None = None) -> Output:
-        """Images for `specs`; `on_step(i, steps)` after each step (progress, cancellation by raising)."""
+                 on_step: Callable[[int, int], None] | None = None,
+                 encode: Callable[[Sequence[str]], torch.Tensor] | None = None) -> Output:
+        """Images for `specs`; `on_step(i, steps)` after each step (progress, cancellation by raising).
+
+        `encode` replaces `encode_text` for this call (a server puts its text-embedding cache here).
+        """
         if not specs:
             raise PidrtError("nothing to generate: no images requested")
         config.check(self.models.preset.latent_scale)
@@ -107,7 +111,7 @@ class Pipeline:
         clock = time.perf_counter()
         cfg = config.guidance != 1.0
         prompts = [s.prompt for s in specs]
-        ctx = self.encode_text(([s.negative_prompt for s in specs] if cfg else []) + prompts)
+        ctx = (encode or self.encode_text)(([s.negative_prompt for s in specs] if cfg else []) + prompts)
         timings["text_encode_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()

@@ -252,10 +252,10 @@ def test_worker_survives_a_failing_batch_and_isolates_the_culprit(tiny_pipe, enr
         def encode_text(self, prompts):
             return tiny_pipe.encode_text(prompts)
 
-        def generate(self, cfg, specs, on_step=None):
+        def generate(self, cfg, specs, on_step=None, encode=None):
             if any("POISON" in s.prompt for s in specs):
                 raise RuntimeError("device fell over")
-            return tiny_pipe.generate(cfg, specs, on_step=on_step)
+            return tiny_pipe.generate(cfg, specs, on_step=on_step, encode=encode)
 
     with Generator(Flaky(), enroller, config(max_batch=4)) as gen:
         occupy(gen)
