@@ -44,22 +44,24 @@ def _linear_t(weight: torch.Tensor) -> torch.Tensor:
 def _element_terms(item: FewToken, layer: LayerInfo, attn) -> dict[str, torch.Tensor | None]:
     """One element's branch terms for one layer, in x @ w convention."""
     to_out = attn.to_out[0]
+    # Adapters and tokens may live on the CPU in fp32 while the UNet runs elsewhere.
+    like = attn.to_q.weight
+    tokens = item.tokens.to(like)
+    w = {k: v.to(like) for k, v in item.adapter.layers[layer.index].items()}
     if isinstance(item, SCAIdentity):
-        w = item.adapter.layers[layer.index]
         own_out = item.adapter.residual == "post_out"
         return {
             "w_q": _linear_t(w["to_q.weight"]),
-            "keys": item.tokens @ _linear_t(w["to_k.weight"]),
-            "values": item.tokens @ _linear_t(w["to_v.weight"]),
+            "keys": tokens @ _linear_t(w["to_k.weight"]),
+            "values": tokens @ _linear_t(w["to_v.weight"]),
             "w_o": _linear_t(w["to_out.weight"] if own_out else to_out.weight),
             "b_o": w["to_out.bias"] if own_out else None,
             "b_q": None,
         }
-    w = item.adapter.layers[layer.index]
     return {
         "w_q": _linear_t(attn.to_q.weight),
-        "keys": item.tokens @ _linear_t(w["to_k_ip.weight"]),
-        "values": item.tokens @ _linear_t(w["to_v_ip.weight"]),
+        "keys": tokens @ _linear_t(w["to_k_ip.weight"]),
+        "values": tokens @ _linear_t(w["to_v_ip.weight"]),
         "w_o": _linear_t(to_out.weight),
         "b_o": None,
         "b_q": attn.to_q.bias,

@@ -126,11 +126,15 @@ class Pipeline:
         rows = feed.rows if feed is not None else 0
         ctx_in = ctx if not rows else torch.cat([feed.ctx, ctx])
         schedules = [s.schedule for s in specs] * (2 if cfg else 1)
+        # One host-to-device copy for the whole loop: a per-step copy would stall a GPU's queue.
+        scales = torch.tensor(
+            [[0.0] * rows + [sch.at(i) if c is not None else 0.0 for sch, c in zip(schedules, conditions)]
+             for i in range(config.steps)], device=self.device, dtype=self.dtype,
+        )
         try:
             for i, t in enumerate(sched.timesteps):
                 self.state.layers = fixed if feed is None else feed.payloads(i)
-                scale = [sch.at(i) if c is not None else 0.0 for sch, c in zip(schedules, conditions)]
-                self.state.scale = torch.tensor([0.0] * rows + scale, device=self.device, dtype=self.dtype)
+                self.state.scale = scales[i]
                 x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, i)
                 eps = self.unet(torch.cat([feed.x, x_in]) if rows else x_in, t, ctx_in)
                 if rows:

@@ -1,0 +1,38 @@
+"""The fast torch backend with its Triton kernels, in the interpreter on CPU, against the reference.
+
+Lives here because tests/kernels/conftest.py sets TRITON_INTERPRET before Triton is imported.
+One interpreted UNet call costs seconds, so this is a single generation step; the EAA kernel
+path is covered at the processor level by test_processor_kernels.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pidrt.engines.fast_torch import FastTorchConfig, make_fast
+from pidrt.models.adapters import SCAAdapter
+from pidrt.models.branches import SCAIdentity
+from pidrt.models.build import build_random
+from pidrt.models.presets import TINY
+from pidrt.runtime.conditioning import FewTokenCondition, ScaleSchedule
+from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path of the kernels needs TRITON_INTERPRET=1")
+def test_fast_pipeline_with_kernels_matches_reference_on_cpu():
+    ref = Pipeline(build_random(TINY, seed=0))
+    fast = make_fast(ref, FastTorchConfig(dtype=torch.float32, kernels=True, cuda_graphs=False, channels_last=True))
+    adapter = SCAAdapter.random(ref.layers, 32, seed=1)
+    w = torch.randn(1, 18, 512, generator=torch.Generator().manual_seed(1))
+    cond = FewTokenCondition("sca", SCAIdentity(adapter, adapter.mapping(w)[0]),
+                             SCAIdentity(adapter, adapter.mapping.unconditional()[0]))
+    config = SamplingConfig(steps=1, guidance=5.0, height=64, width=64)
+    specs = [ImageSpec("p", 5, condition=cond, schedule=ScaleSchedule(0.8))]
+    want = ref.generate(config, specs)
+    got = fast.generate(config, specs)
+    assert fast.state.kernels and not ref.state.kernels
+    assert (got.latents - want.latents).abs().max() < 1e-4
+    assert (got.images - want.images).abs().max() < 1e-4
