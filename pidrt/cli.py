@@ -65,6 +65,41 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve_main(config_from_args(a))
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from pidrt.export.commands import export_models
+
+    if a.model is not None:
+        from pidrt.models.loading import load_models
+        from pidrt.models.presets import get_preset
+
+        source = load_models(a.model, get_preset(a.preset))
+    else:
+        source = a.preset
+    manifest = export_models(source, a.method, a.out, fp16=a.fp16)
+    print(json.dumps({"manifest": str(manifest)}))
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from pidrt.export.commands import verify
+
+    report = verify(a.dir, a.backend)
+    failed = [name for name, r in report["graphs"].items()
+              if (r["max_abs"] > a.atol if r["dtype"] == "float32" else r["max_rel"] > a.rtol_fp16)]
+    report["ok"] = not failed
+    report["failed"] = failed
+    report["tolerance"] = {"float32_max_abs": a.atol, "float16_max_rel": a.rtol_fp16}
+    print(json.dumps(report))
+    return 1 if failed else 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from pidrt.export.commands import build
+
+    print(json.dumps({"engines": [str(p) for p in build(a.dir, a.backend)]}))
+    return 0
+
+
 def cmd_doctor(a: argparse.Namespace) -> int:
     import importlib.util
     import platform
@@ -77,9 +112,11 @@ def cmd_doctor(a: argparse.Namespace) -> int:
                           ("ray", "serve")):
         found = importlib.util.find_spec(module) is not None
         report[module] = "installed" if found else f"missing (pip install 'pidrt[{extra}]')"
+    from pidrt.engines.base import doctor_report
     from pidrt.kernels import available
 
     report["kernels"] = available()[1]
+    report["backends"] = doctor_report()
     print(json.dumps(report, indent=2))
     return 0
 
@@ -112,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?")
     p.add_argument("--store", type=Path, required=True)
     p.set_defaults(func=cmd_identities)
+
+    p = sub.add_parser("export", help="export ONNX graphs with identity inputs + manifest.json (docs/engines.md)")
+    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--model", type=Path, help="real weights (default: the preset's random weights)")
+    p.add_argument("--method", choices=["none", "sca", "ip", "eaa"], default="none")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fp16", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="run exported graphs against the torch reference; exit 1 above tolerance")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"])
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed for fp32 graphs")
+    p.add_argument("--rtol-fp16", type=float, default=2e-2, help="max relative error allowed for fp16 graphs")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("build", help="build TensorRT engines for an export folder")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--backend", default="trt")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="the HTTP service (docs/serving.md)")
     from pidrt.serve.app import add_serve_arguments

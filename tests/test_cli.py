@@ -52,3 +52,20 @@ def test_doctor(capsys):
     assert main(["doctor"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "torch" in report and "kernels" in report
+
+
+def test_export_verify_build(tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", "--preset", "tiny", "--method", "sca", "--out", str(out)]) == 0
+    assert (out / "manifest.json").is_file()
+    capsys.readouterr()
+    assert main(["verify", str(out), "--backend", "ort"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and all(g["max_abs"] < 1e-4 for g in report["graphs"].values())
+    assert main(["verify", str(out), "--backend", "ort", "--atol", "0"]) == 1
+    capsys.readouterr()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert main(["build", str(out)]) == 2
+        assert "pidrt[trt]" in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""The `trt` backend: TensorRT engines built through polygraphy, run on torch CUDA tensors.
+
+Build: fp16, one optimisation profile per batch x resolution bucket (`Profile`s of the spec),
+builder optimisation level, a timing cache file shared by all builds of a folder, optional
+refittable engines. Engines are cached under `<export dir>/engines/`, named by a key of the
+graph key (weights + spec), TensorRT version, GPU and build options; a refittable engine of the
+same structure is refitted with new weights instead of rebuilt. Run: TensorRT 10's name-based
+API with torch tensors bound by address on torch's current stream; optional CUDA graph capture
+per static input shape (replayed while shapes repeat, as in a denoising loop).
+
+Written against TensorRT 10 and polygraphy >= 0.49 public APIs; TensorRT cannot be installed on
+the machines this was written on, so only the unavailable path is tested here (docs/engines.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pidrt.engines.base import Availability, Backend, BackendUnavailable, GraphRunner, require_backend
+from pidrt.errors import PidrtError, require
+from pidrt.export.inputs import TORCH_DTYPES
+from pidrt.export.manifest import GraphEntry
+from pidrt.export.specs import ModelSpec, Profile
+from pidrt.fileio import atomic_write
+
+
+def probe() -> Availability:
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError as exc:
+        return Availability(Backend.TRT, False, f"tensorrt is not importable ({exc}): pip install 'pidrt[trt]'")
+    try:
+        importlib.import_module("polygraphy.backend.trt")
+    except ImportError as exc:
+        return Availability(Backend.TRT, False, f"polygraphy is not importable ({exc}): pip install 'pidrt[trt]'",
+                            version=trt.__version__)
+    if not torch.cuda.is_available():
+        return Availability(Backend.TRT, False, f"no CUDA GPU visible to torch {torch.__version__} "
+                            f"(CUDA build: {torch.version.cuda or 'none'})", version=trt.__version__)
+    return Availability(Backend.TRT, True, version=trt.__version__, devices=(gpu_name(),))
+
+
+def gpu_name(device: int = 0) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    fp16: bool = True
+    optimization_level: int = 3  # TensorRT's default; 5 searches longest
+    profiles: tuple[Profile, ...] | None = None  # None: the spec's (export-time) profiles
+    refittable: bool = False
+    workspace_gib: float | None = None
+    cuda_graph: bool = False  # runners: capture per static shape
+
+
+def _logger(trt):
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def engine_paths(entry: GraphEntry, options: BuildOptions, trt_version: str, gpu: str) -> tuple[Path, str]:
+    """(engine path, structure key): the path's name holds both the structure and the weights key."""
+    profiles = options.profiles or entry.spec.profiles
+    structure = {"spec": entry.spec.to_json(), "trt": trt_version, "gpu": gpu,
+                 "options": {**asdict(options), "profiles": [asdict(p) for p in profiles], "cuda_graph": None}}
+    skey = hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()
+    return entry.dir / "engines" / f"{entry.name}-{skey[:16]}-{entry.key[:16]}.plan", skey
+
+
+def build_engine(entry: GraphEntry, options: BuildOptions = BuildOptions()) -> Path:
+    """The engine for `entry` (cached; refitted from a same-structure engine when refittable)."""
+    info = require_backend(Backend.TRT)
+    trt = require("tensorrt", "trt")
+    path, skey = engine_paths(entry, options, info.version, gpu_name())
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if options.refittable:
+        sibling = next(iter(sorted(path.parent.glob(f"{entry.name}-{skey[:16]}-*.plan"))), None)
+        if sibling is not None:
+            engine = _deserialize(trt, sibling.read_bytes())
+            refit(engine, entry.path)
+            atomic_write(path, bytes(engine.serialize()))
+            return path
+    from polygraphy.backend.trt import CreateConfig, engine_bytes_from_network, network_from_onnx_path
+    from polygraphy.backend.trt import Profile as TrtProfile
+
+    profiles = []
+    for profile in options.profiles or entry.spec.profiles:
+        p = TrtProfile()
+        for name, (lo, opt, hi) in entry.spec.profile_shapes(profile).items():
+            p.add(name, min=lo, opt=opt, max=hi)
+        profiles.append(p)
+    timing = path.parent / "timing.cache"
+    pools = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gib * 2**30)} if options.workspace_gib else None
+    config = CreateConfig(fp16=options.fp16, profiles=profiles, builder_optimization_level=options.optimization_level,
+                          refittable=options.refittable, memory_pool_limits=pools,
+                          load_timing_cache=str(timing) if timing.is_file() else None)
+    # The path form lets the parser read external data (UNets over 2 GB) next to the graph.
+    network = network_from_onnx_path(str(entry.path))
+    blob = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing))
+    if blob is None:
+        raise PidrtError(f"TensorRT could not build {entry.path} (see its log above)")
+    atomic_write(path, bytes(blob))
+    return path
+
+
+def _deserialize(trt, blob: bytes):
+    engine = trt.Runtime(_logger(trt)).deserialize_cuda_engine(blob)
+    if engine is None:
+        raise PidrtError("TensorRT could not deserialize the engine (built by another version or GPU?)")
+    return engine
+
+
+def refit(engine, onnx_path: Path) -> None:
+    """Load new weights from an ONNX graph of the same structure into a refittable engine."""
+    trt = require("tensorrt", "trt")
+    logger = _logger(trt)
+    refitter = trt.Refitter(engine, logger)
+    if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(onnx_path)):
+        raise PidrtError(f"{onnx_path}: TensorRT could not read refit weights from the graph")
+    if not refitter.refit_cuda_engine():
+        raise PidrtError(f"{onnx_path}: refitting failed (the engine was not built refittable, or weights are missing)")
+
+
+class TrtRunner(GraphRunner):
+    backend = Backend.TRT
+
+    def __init__(self, spec: ModelSpec, engine_path: Path, profiles: tuple[Profile, ...], cuda_graph: bool = False):
+        super().__init__(spec)
+        trt = require("tensorrt", "trt")
+        self.engine = _deserialize(trt, Path(engine_path).read_bytes())
+        self.context = self.engine.create_execution_context()
+        self.profiles = profiles
+        self.profile_index = 0
+        self.cuda_graph = cuda_graph
+        self._graph = None  # (shape key, CUDAGraph, static inputs, static outputs)
+
+    def _select_profile(self, env, stream) -> None:
+        for i, p in enumerate(self.profiles):
+            # Text-encoder graphs have no latent axes: only their batch range counts.
+            h, w = env.get("height", p.height[1]), env.get("width", p.width[1])
+            if p.contains(env["batch"], h, w):
+                if i != self.profile_index:
+                    self.context.set_optimization_profile_async(i, stream)
+                    self.profile_index = i
+                return
+        raise PidrtError(f"{self.spec.name}: batch {env['batch']}, latent {env.get('height')}x{env.get('width')} "
+                         f"is outside every engine profile {self.profiles}; rebuild with a profile that covers it")
+
+    def _bind(self, feed, env) -> dict[str, torch.Tensor]:
+        device = next(iter(feed.values())).device
+        if device.type != "cuda":
+            raise PidrtError(f"{self.spec.name}: the trt backend takes CUDA tensors, got {device}")
+        for name, t in feed.items():
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = {}
+        for t in self.spec.outputs:
+            shape = tuple(self.context.get_tensor_shape(t.name))
+            outs[t.name] = torch.empty(shape, dtype=TORCH_DTYPES[t.dtype], device=device)
+            self.context.set_tensor_address(t.name, outs[t.name].data_ptr())
+        return outs
+
+    def _run(self, feed, env):
+        feed = {k: v.contiguous() for k, v in feed.items()}
+        stream = torch.cuda.current_stream().cuda_stream
+        self._select_profile(env, stream)
+        if self.cuda_graph:
+            return self._run_graph(feed, env)
+        outs = self._bind(feed, env)
+        if not self.context.execute_async_v3(stream):
+            raise PidrtError(f"{self.spec.name}: TensorRT execution failed")
+        return outs
+
+    def _run_graph(self, feed, env):
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(feed.items()))
+        if self._graph is None or self._graph[0] != key:
+            static_in = {k: v.clone() for k, v in feed.items()}
+            static_out = self._bind(static_in, env)
+            # TensorRT must run once after a shape change before its work can be captured.
+            self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+            self._graph = (key, graph, static_in, static_out)
+        _, graph, static_in, static_out = self._graph
+        for k, v in feed.items():
+            static_in[k].copy_(v)
+        graph.replay()
+        # Clones: the static buffers are overwritten by the next replay.
+        return {k: v.clone() for k, v in static_out.items()}
+
+    def close(self) -> None:
+        self._graph = None
+        self.context = None
+        self.engine = None
+
+
+def open_runner(entry: GraphEntry, models=None, options: BuildOptions = BuildOptions(),
+                build: bool = True) -> TrtRunner:
+    """A runner on the cached engine for `entry`, building it first when `build` (else it must exist)."""
+    info = require_backend(Backend.TRT)
+    path, _ = engine_paths(entry, options, info.version, gpu_name())
+    if not path.is_file():
+        if not build:
+            raise BackendUnavailable(f"{path}: no engine; run `pidrt build {entry.dir}` first")
+        path = build_engine(entry, options)
+    return TrtRunner(entry.spec, path, options.profiles or entry.spec.profiles, options.cuda_graph)

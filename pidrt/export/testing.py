@@ -1,0 +1,32 @@
+"""Exports of the `tiny` preset shared by the test suites (and handy for trying the backends).
+
+Tracing a UNet is the slow part of the export tests (seconds each), and tests/export and
+tests/engines both need the same graphs, so one process-wide folder holds them: the first call
+exports, later calls hit the manifest's cache check and return at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+from pidrt.export.commands import ExportOptions, export_models
+
+_ROOT: list[Path] = []
+
+
+def _root() -> Path:
+    if not _ROOT:
+        _ROOT.append(Path(tempfile.mkdtemp(prefix="pidrt-tiny-export-")))
+        atexit.register(shutil.rmtree, _ROOT[0], True)
+    return _ROOT[0]
+
+
+def tiny_export(method: str = "none", fp16: bool = False, kinds: tuple[str, ...] = ("unet",),
+                seed: int = 0) -> Path:
+    """The folder holding the tiny `kinds` graphs (UNets of every method requested so far)."""
+    out = _root() / f"seed{seed}-{'fp16' if fp16 else 'fp32'}"
+    export_models("tiny", method, out, fp16, ExportOptions(kinds=kinds, seed=seed))
+    return out
