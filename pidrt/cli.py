@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
+    from pidrt.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
     p = sub.add_parser("doctor", help="what is installed and which backends can run")
     p.set_defaults(func=cmd_doctor)
     return parser

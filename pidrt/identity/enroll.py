@@ -79,6 +79,15 @@ class Enroller:
     def __init__(self, pipe: Pipeline, store: IdentityStore, encoders: Encoders):
         self.pipe, self.store, self.encoders = pipe, store, encoders
         self._base_fp: str | None = None
+        self._fingerprints: dict[int, str] = {}  # id(module or adapter) -> sha256; weights do not change
+
+    def _fingerprint(self, obj) -> str:
+        if id(obj) not in self._fingerprints:
+            if isinstance(obj, ClipImageEncoder):
+                obj = obj.model
+            self._fingerprints[id(obj)] = (fingerprint_module(obj) if isinstance(obj, torch.nn.Module)
+                                           else fingerprint_tensors(obj.tensors()))
+        return self._fingerprints[id(obj)]
 
     def base_fingerprint(self) -> str:
         if self._base_fp is None:
@@ -104,9 +113,8 @@ class Enroller:
         else:
             params["weights"] = list(opts.reference_weights or [])
             encoder = e.e4e if opts.method == "sca" else e.image_encoder
-            params["encoder"] = fingerprint_module(encoder.model if isinstance(encoder, ClipImageEncoder) else encoder) \
-                if encoder is not None else str(e.arcface_pack)
-        adapter_fp = fingerprint_tensors(self._adapter(opts.method).tensors())
+            params["encoder"] = self._fingerprint(encoder) if encoder is not None else str(e.arcface_pack)
+        adapter_fp = self._fingerprint(self._adapter(opts.method))
         return IdentityKey.make(images, opts.method, self.base_fingerprint(), adapter_fp, **params)
 
     def _resolution(self, opts: EnrollOptions) -> int:

@@ -89,7 +89,7 @@ def build_encoders(pipe: Pipeline, opts: RuntimeOptions) -> Encoders:
     )
 
 
-def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+def add_runtime_arguments(p) -> None:
     """The options every command that builds a pipeline takes (CLI, serve, bench)."""
     p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
     p.add_argument("--model", type=Path, help="diffusers SD1.5 folder or single-file .safetensors (default: random weights)")

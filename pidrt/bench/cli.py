@@ -1,0 +1,123 @@
+"""`pidrt bench`: argparse at the edge, a frozen `BenchConfig` inside.
+
+    pidrt bench --preset tiny --steps 10 --iterations 3 --out benchmarks/results
+    pidrt bench --model /models/sd15 --ip-adapter ip.safetensors ... --device cuda --dtype float16
+    pidrt bench --render benchmarks/results/cpu-tiny-2025-01-01.json     # markdown + plots again
+
+`add_bench_parser(subparsers)` registers the subcommand on pidrt's CLI; `main()` is the same
+command standalone (benchmarks/run_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pidrt.errors import PidrtError
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from pidrt.bench.config import BACKENDS, ENROLL_METHODS, METHODS
+    from pidrt.runtime.eaa_feed import PLACEMENTS
+
+    from pidrt.runtime.setup import add_runtime_arguments
+
+    add_runtime_arguments(p.add_argument_group("models (as pidrt enroll / serve)"))
+
+    g = p.add_argument_group("what to time")
+    g.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    g.add_argument("--eaa-placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
+    g.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8])
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--height", type=int, help="default: the preset's resolution")
+    g.add_argument("--width", type=int, help="default: the preset's resolution")
+    g.add_argument("--scale", type=float, default=0.8, help="identity strength of the identity elements")
+    g.add_argument("--warmup", type=int, default=1, help="untimed generations per case")
+    g.add_argument("--iterations", type=int, default=5, help="timed generations per case")
+    g.add_argument("--no-baseline", action="store_true", help="skip diffusers' StableDiffusionPipeline")
+    g.add_argument("--no-flops", action="store_true")
+    g.add_argument("--peak-flops", type=float,
+                   help="device peak flop/s for the %% of peak (default on CUDA: 989e12, the nominal H100 SXM "
+                        "dense fp16 figure; on CPU only achieved GFLOP/s unless given)")
+    g.add_argument("--threads", type=int, help="torch intra-op and onnxruntime threads (default: theirs)")
+    g.add_argument("--export-dir", type=Path, help="ONNX graphs for ort/trt (cached; default under ~/.cache/pidrt)")
+
+    g = p.add_argument_group("enrollment costs")
+    g.add_argument("--no-enroll", action="store_true")
+    g.add_argument("--enroll-methods", nargs="+", choices=ENROLL_METHODS, default=list(ENROLL_METHODS))
+    g.add_argument("--enroll-resolutions", nargs="+", type=int, help="EAA image sides (default: the generation's)")
+    g.add_argument("--enroll-steps", nargs="+", type=int, help="EAA step counts (default: --steps)")
+    g.add_argument("--enroll-iterations", type=int, help="default: --iterations")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    g.add_argument("--name", help="file stem (default: <cpu|cuda>-<preset>-<date>)")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--render", type=Path, metavar="JSON", help="only re-render the markdown and plots of a saved result")
+
+
+def config_from_args(a: argparse.Namespace):
+    from pidrt.bench.config import BenchConfig, EnrollBenchConfig
+    from pidrt.runtime.setup import runtime_options_from_args
+
+    runtime = runtime_options_from_args(a)
+    enroll = EnrollBenchConfig(enabled=not a.no_enroll, methods=tuple(a.enroll_methods),
+                               resolutions=tuple(a.enroll_resolutions) if a.enroll_resolutions else None,
+                               steps=tuple(a.enroll_steps) if a.enroll_steps else None,
+                               iterations=a.enroll_iterations)
+    return BenchConfig(runtime=runtime, backends=tuple(a.backends), methods=tuple(a.methods),
+                       eaa_placements=tuple(a.eaa_placements), batch_sizes=tuple(a.batch_sizes), steps=a.steps,
+                       guidance=a.guidance, height=a.height, width=a.width, scale=a.scale, warmup=a.warmup,
+                       iterations=a.iterations, baseline=not a.no_baseline, enroll=enroll, flops=not a.no_flops,
+                       peak_flops=a.peak_flops, threads=a.threads, export_dir=a.export_dir, out_dir=a.out,
+                       name=a.name, plots=not a.no_plots, progress=not a.no_progress)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.render is not None:
+        from pidrt.bench.report import render
+
+        if not a.render.is_file():
+            raise PidrtError(f"{a.render}: no such result file")
+        print(json.dumps(render(a.render, plots=not a.no_plots, log=lambda m: print(m, file=sys.stderr)), indent=2))
+        return 0
+    from pidrt.bench.harness import run_bench
+
+    result = run_bench(config_from_args(a), log=lambda m: print(m, file=sys.stderr))
+    counts: dict[str, int] = {}
+    for case in result["cases"]:
+        counts[case["status"]] = counts.get(case["status"], 0) + 1
+    print(json.dumps({"files": result.get("files"), "cases": counts, "elapsed_s": round(result["elapsed_s"], 1)},
+                     indent=2))
+    return 0
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `pidrt bench` on pidrt's subparsers (its handler is `args.func`)."""
+    p = subparsers.add_parser("bench", help="time every backend x method x batch size against diffusers; "
+                                            "writes JSON, markdown and plots",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_bench(args)
+    except PidrtError as exc:
+        print(f"pidrt bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
