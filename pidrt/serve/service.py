@@ -54,7 +54,7 @@ class UploadTooLarge(GenerationError):
 def exception_from_info(info: dict) -> Exception:
     """Rebuild an error reported as {type, message, status[, retry_after]} (events, Ray replicas)."""
     from pidrt.identity.store import UnknownIdentityError
-    from pidrt.runtime import generator as g
+    from pidrt.runtime import requests as g
 
     kind, message = info.get("type", "internal_error"), info.get("message", "")
     if kind == "overloaded":

@@ -64,11 +64,6 @@ def config(**kw) -> GeneratorConfig:
 
 
 @pytest.fixture(scope="module")
-def photos():
-    return face_photo()
-
-
-@pytest.fixture(scope="module")
 def identities(tiny_pipe, enroller, photos):
     a, b = photos
     with Generator(tiny_pipe, enroller, config()) as gen:

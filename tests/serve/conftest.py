@@ -49,11 +49,6 @@ def small_config(**kw) -> GeneratorConfig:
 
 
 @pytest.fixture(scope="session")
-def photos():
-    return face_photos()
-
-
-@pytest.fixture(scope="session")
 def generator(tmp_path_factory):
     from pidrt.serve.factory import build_generator
 

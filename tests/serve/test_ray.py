@@ -51,7 +51,7 @@ def test_two_cpu_replicas_route_identities_by_affinity(tmp_path, photos, make_co
             r = c.post("/v1/images/generations", json={"prompt": "p", "identity": "ip-0123456789abcdef"})
             assert r.status_code == 404 and "unknown identity" in r.json()["error"]["message"]
             r = c.post("/v1/images/generations", json={"prompt": "p", "size": "60x60"})
-            assert r.status_code == 400
+            assert r.status_code == 400, r.text
 
             job = c.post("/v1/jobs", json={"prompt": "p", "steps": 3, "seed": 1}).json()["id"]
             events = [line[7:] for line in c.get(f"/v1/jobs/{job}/events").text.splitlines()
