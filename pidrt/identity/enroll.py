@@ -17,11 +17,22 @@ import torch
 
 from pidrt.errors import PidrtError
 from pidrt.identity import faces
-from pidrt.identity.artifacts import (concat_references, eaa_from_tensors, eaa_to_tensors, folded_from_tensors,
-                                      folded_to_tensors)
+from pidrt.identity.artifacts import (
+    concat_references,
+    eaa_from_tensors,
+    eaa_to_tensors,
+    folded_from_tensors,
+    folded_to_tensors,
+)
+from pidrt.identity.device_cache import DeviceCache
 from pidrt.identity.e4e import E4EEncoder, aggregate, image_to_tensor
 from pidrt.identity.image_encoder import ClipImageEncoder
-from pidrt.identity.store import IdentityKey, IdentityStore, fingerprint_module, fingerprint_tensors
+from pidrt.identity.store import (
+    IdentityKey,
+    IdentityStore,
+    fingerprint_module,
+    fingerprint_tensors,
+)
 from pidrt.models.adapters import EAAAdapter, IPAdapterWeights, SCAAdapter
 from pidrt.models.branches import IPIdentity, SCAIdentity, few_token_payloads
 from pidrt.models.image_proj import MLPProjModel
@@ -76,8 +87,17 @@ def _progress(total: int, desc: str):
 
 
 class Enroller:
-    def __init__(self, pipe: Pipeline, store: IdentityStore, encoders: Encoders):
+    """Enrolls identities into `store` and turns stored identities back into conditions.
+
+    With a `device_cache`, conditions are built over artifacts kept on the pipeline's device
+    within a byte budget, so a warm identity costs neither a store read nor a host copy.
+    """
+
+    def __init__(self, pipe: Pipeline, store: IdentityStore, encoders: Encoders,
+                 device_cache: DeviceCache | None = None):
         self.pipe, self.store, self.encoders = pipe, store, encoders
+        self.device_cache = device_cache
+        self._meta: dict[str, dict[str, str]] = {}  # small, so kept for every identity loaded
         self._base_fp: str | None = None
         self._fingerprints: dict[int, str] = {}  # id(module or adapter) -> sha256; weights do not change
 
@@ -129,11 +149,25 @@ class Enroller:
         return Enrollment(ident, opts.method, created, time.perf_counter() - clock)
 
     def condition(self, identity_id: str) -> Condition:
-        tensors, meta = self.store.get(identity_id)
+        if self.device_cache is None:
+            tensors, meta = self.store.get(identity_id)
+        else:
+            def load():
+                host, self._meta[identity_id] = self.store.get(identity_id)
+                return {k: v.to(self.pipe.dtype) if v.is_floating_point() else v for k, v in host.items()}
+
+            tensors = self.device_cache.get(identity_id, load)
+            meta = self._meta.get(identity_id) or self.store.get(identity_id)[1]
         method = identity_id.split("-", 1)[0]
         if method == "eaa":
             return eaa_from_tensors(tensors, meta, self.pipe.layers, self.encoders.eaa)
         return folded_from_tensors(method, tensors, meta, self.pipe.layers)
+
+    def forget(self, identity_id: str) -> None:
+        """Drop what is cached of an identity (after it was deleted from the store)."""
+        self._meta.pop(identity_id, None)
+        if self.device_cache is not None:
+            self.device_cache.evict(identity_id)
 
     def _faces(self, images: Sequence[bytes], opts: EnrollOptions, crop: str) -> list[np.ndarray]:
         kind = {"ffhq256": "pidiff", "face512": "inv_adapter", "arcface112": "arcface"}[crop]

@@ -23,7 +23,9 @@ class Models:
 
     def to(self, device=None, dtype=None) -> "Models":
         for module in (self.unet, self.text_encoder, self.vae):
-            module.to(device=device, dtype=dtype)
+            # Casting to the dtype a model already has makes diffusers log a warning; skip it.
+            same = dtype is None or next(module.parameters()).dtype == dtype
+            module.to(device=device) if same else module.to(device=device, dtype=dtype)
         return self
 
 

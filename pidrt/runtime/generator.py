@@ -44,9 +44,24 @@ import torch
 from pidrt.errors import PidrtError
 from pidrt.runtime.batching import BatchQueue, Entry, QueueClosed, QueueFull
 from pidrt.runtime.conditioning import EAACondition, ScaleSchedule
-from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
-from pidrt.runtime.requests import (BatchInfo, Event, FORMATS, GeneratedImage, GenerationFailed, GenerationRequest, GenerationResult, GeneratorClosed, GeneratorConfig, InvalidRequest, MAX_SEED, METHODS, Overloaded, ResolvedRequest)
 from pidrt.runtime.jobs import Job
+from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
+from pidrt.runtime.requests import (
+    FORMATS,
+    MAX_SEED,
+    METHODS,
+    BatchInfo,
+    Event,
+    GeneratedImage,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    GeneratorClosed,
+    GeneratorConfig,
+    InvalidRequest,
+    Overloaded,
+    ResolvedRequest,
+)
 from pidrt.runtime.text_cache import TextEmbeddingCache
 
 log = logging.getLogger(__name__)
@@ -159,13 +174,17 @@ class Generator:
         with self._id_lock:
             self._id_stats["misses"] += 1
             if self.config.identity_cache_size:
-                self._identities[identity_id] = ident
+                # With a device cache the condition's tensors belong to it (and its budget).
+                cached = ident if enroller.device_cache is None else _Identity(None, method, ident.steps, ident.resolution)
+                self._identities[identity_id] = cached
                 while len(self._identities) > self.config.identity_cache_size:
                     self._identities.popitem(last=False)
         return ident
 
     def forget(self, identity_id: str) -> bool:
         """Drop an identity's cached condition (after a delete, or when Ray unloads it)."""
+        if self.enroller is not None:
+            self.enroller.forget(identity_id)
         with self._id_lock:
             return self._identities.pop(identity_id, None) is not None
 
@@ -318,7 +337,7 @@ class Generator:
             if r.identity is not None:
                 ident = self.identity(r.identity)
                 self._check_identity(r, ident)
-                condition = ident.condition
+                condition = ident.condition if ident.condition is not None else self._require_store().condition(r.identity)
             job = Job(self, r, condition, on_event)
             job.entry = Entry(r.batch_key, r.method, r.n, job)
             with job._lock:

@@ -114,6 +114,9 @@ class GeneratorConfig:
     timeout_s: float = 300.0  # per request, from submission to result
     text_cache_size: int = 256  # prompts whose embeddings are kept
     identity_cache_size: int = 32  # identity conditions kept in memory
+    # >0: identity artifacts live on the pipeline's device in an LRU of this many MiB, and
+    # conditions are rebuilt from it per request instead of being held by the cache above.
+    identity_device_mib: int = 0
     folded: bool = True
     eaa_placement: str = "resident"
     enroll_detector: str = "auto"  # face detector backend for enrollment
@@ -124,7 +127,8 @@ class GeneratorConfig:
     def __post_init__(self):
         if self.max_batch < 1 or self.queue_size < 1 or self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise PidrtError("generator config needs max_batch >= 1, queue_size >= 1, max_wait_ms >= 0, timeout_s > 0")
-        if self.text_cache_size < 0 or self.identity_cache_size < 0 or self.encode_workers < 1:
+        if (self.text_cache_size < 0 or self.identity_cache_size < 0 or self.identity_device_mib < 0
+                or self.encode_workers < 1):
             raise PidrtError("generator config needs cache sizes >= 0 and encode_workers >= 1")
 
 

@@ -92,6 +92,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--store", type=Path, default=Path("pidrt-store"), help="identity store directory")
     p.add_argument("--max-batch", type=int, default=g.max_batch, help="images per UNet batch")
+    p.add_argument("--identity-device-mib", type=int, default=g.identity_device_mib,
+                   help="keep identity artifacts on the device in an LRU of this many MiB (0: host memory)")
     p.add_argument("--max-wait-ms", type=float, default=g.max_wait_ms)
     p.add_argument("--queue-size", type=int, default=g.queue_size)
     p.add_argument("--timeout-s", type=float, default=g.timeout_s)
@@ -102,7 +104,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     defaults = Defaults() if args.steps is None else Defaults(steps=args.steps)
-    gen = GeneratorConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+    gen = GeneratorConfig(max_batch=args.max_batch, identity_device_mib=args.identity_device_mib, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                           timeout_s=args.timeout_s, enroll_detector=args.detector, defaults=defaults)
     return ServeConfig(runtime=runtime_options_from_args(args), host=args.host, port=args.port, store=args.store,
                        log_level=args.log_level, generator=gen)

@@ -21,5 +21,11 @@ def build_generator(store_dir: str | Path, runtime: RuntimeOptions | None = None
     from pidrt.runtime.setup import build_runtime
 
     pipe, encoders = build_runtime(runtime or RuntimeOptions())
-    enroller = Enroller(pipe, IdentityStore(Path(store_dir)), encoders)
-    return Generator(pipe, enroller, config or GeneratorConfig(), backend="torch")
+    config = config or GeneratorConfig()
+    device_cache = None
+    if config.identity_device_mib:
+        from pidrt.identity.device_cache import DeviceCache
+
+        device_cache = DeviceCache(config.identity_device_mib << 20, pipe.device)
+    enroller = Enroller(pipe, IdentityStore(Path(store_dir)), encoders, device_cache)
+    return Generator(pipe, enroller, config, backend="torch")

@@ -291,3 +291,24 @@ def test_eaa_identity_needs_its_enrollment_step_count(make_gen, photos):
     gen.delete_identity(eaa)
     with pytest.raises(UnknownIdentityError):
         gen.submit(GenerationRequest("p", identity=eaa))
+
+
+def test_identity_device_cache_serves_conditions(tmp_path, photos):
+    """With a byte budget the artifacts live in the DeviceCache; images equal the host path."""
+    from pidrt.serve.factory import build_generator
+
+    images = []
+    for mib in (0, 64):
+        with build_generator(tmp_path / f"store{mib}", config=config(identity_device_mib=mib)) as gen:
+            ident = gen.enroll([photos[0]], "ip").identity_id
+            for _ in range(2):
+                out = gen.generate(GenerationRequest("a portrait", identity=ident, seed=3, width=64, height=64))
+            images.append(out.images[0].pixels)
+            cache = gen.enroller.device_cache
+            if mib:
+                assert cache.stats()["misses"] == 1 and cache.stats()["hits"] >= 1 and ident in cache
+                gen.delete_identity(ident)
+                assert ident not in cache
+            else:
+                assert cache is None
+    assert (images[0].float() - images[1].float()).abs().max() <= 1e-4
