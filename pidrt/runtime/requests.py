@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
@@ -253,3 +255,88 @@ class Event:
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL
+
+
+def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset) -> ResolvedRequest:
+    """Validate `req` against the limits and fill in the defaults (InvalidRequest if it is bad)."""
+    d, lim = config.defaults, config.limits
+
+    def number(name, value, lo, hi, integer=False):
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+            raise InvalidRequest(f"{name} must be {'an integer' if integer else 'a number'}; got {value!r}")
+        if not lo <= value <= hi:
+            raise InvalidRequest(f"{name} must be in {lo}..{hi}; got {value}")
+        return value
+
+    if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt or "", str):
+        raise InvalidRequest("prompt and negative_prompt must be strings")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name) or ""
+        if len(text) > lim.max_prompt_chars:
+            raise InvalidRequest(f"{name} is {len(text)} characters; the limit is {lim.max_prompt_chars}")
+    steps = number("steps", d.steps if req.steps is None else req.steps, 1, lim.max_steps, integer=True)
+    guidance = float(number("guidance", d.guidance if req.guidance is None else req.guidance, 0, lim.max_guidance))
+    scale = float(number("scale", d.scale if req.scale is None else req.scale, 0, lim.max_scale))
+    start = number("scale_start", req.scale_start, 0, steps, integer=True)
+    end = None if req.scale_end is None else number("scale_end", req.scale_end, start, steps, integer=True)
+    side = preset.resolution
+    width = d.width or side if req.width is None else req.width
+    height = d.height or side if req.height is None else req.height
+    multiple = preset.latent_scale
+    for name, v in (("width", width), ("height", height)):
+        number(name, v, lim.min_side, lim.max_side, integer=True)
+        if v % multiple:
+            raise InvalidRequest(f"{name} must be a multiple of {multiple}; got {v}")
+    scheduler = req.scheduler or d.scheduler
+    from pidrt.runtime.schedulers import _SCHEDULERS
+
+    if scheduler not in _SCHEDULERS or scheduler == "ddim_inverse":
+        raise InvalidRequest(f"unknown scheduler {scheduler!r}; choose one of "
+                             f"{[s for s in _SCHEDULERS if s != 'ddim_inverse']}")
+    fmt = (req.output_format or d.output_format).lower()
+    if fmt == "jpg":
+        fmt = "jpeg"
+    if fmt not in FORMATS:
+        raise InvalidRequest(f"output_format must be one of {list(FORMATS)}; got {req.output_format!r}")
+    quality = number("quality", d.quality if req.quality is None else req.quality, 0, 100, integer=True)
+    timeout = config.timeout_s if req.timeout_s is None else \
+        float(number("timeout_s", req.timeout_s, 0.001, config.timeout_s))
+
+    seed = req.seed
+    if seed is not None and not isinstance(seed, int) or isinstance(seed, bool):
+        if not isinstance(seed, (list, tuple)) or not seed:
+            raise InvalidRequest(f"seed must be an integer or a non-empty list of integers; got {seed!r}")
+    if isinstance(seed, (list, tuple)):
+        n = len(seed) if req.n is None else req.n
+        if len(seed) != n:
+            raise InvalidRequest(f"{len(seed)} seeds given for n={n} images; give one seed per image")
+    else:
+        n = 1 if req.n is None else req.n
+    number("n", n, 1, lim.max_n, integer=True)
+    if seed is None:
+        seeds = tuple(secrets.randbits(32) for _ in range(n))
+    elif isinstance(seed, (list, tuple)):
+        seeds = tuple(number("seed", s, 0, MAX_SEED, integer=True) for s in seed)
+    else:
+        number("seed", seed, 0, MAX_SEED - n, integer=True)
+        seeds = tuple(seed + i for i in range(n))
+
+    identity, method = req.identity or None, req.method or None
+    if method is not None and method not in METHODS:
+        raise InvalidRequest(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if identity is not None:
+        if not isinstance(identity, str):
+            raise InvalidRequest(f"identity must be an id string; got {identity!r}")
+        id_method = identity.split("-", 1)[0]
+        if method is not None and id_method in METHODS and method != id_method:
+            raise InvalidRequest(f"identity {identity} was enrolled with {id_method}, not {method}")
+        method = id_method
+    elif method is not None:
+        method = None  # a method without an identity has nothing to apply
+    return ResolvedRequest(
+        prompt=req.prompt, negative_prompt=req.negative_prompt or "", identity=identity, method=method,
+        scale=scale, scale_start=start, scale_end=end, steps=steps, guidance=guidance, seeds=seeds,
+        width=width, height=height, n=n, output_format=fmt, quality=quality, scheduler=scheduler,
+        timeout_s=timeout,
+    )

@@ -7,7 +7,6 @@ takes about a second, once per module.
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 import time
 
@@ -23,30 +22,6 @@ from pidrt.runtime.requests import (Cancelled, Defaults, GenerationFailed, Gener
                                     GeneratorClosed, GeneratorConfig, InvalidRequest, Overloaded)
 
 STEPS = 2
-
-
-def face_photo() -> tuple[bytes, bytes]:
-    """A real face photo and its mirror image (two identities), as PNG bytes."""
-    from PIL import Image
-
-    try:
-        from skimage import data
-
-        image = Image.fromarray(data.astronaut())
-    except ImportError:
-        from pidrt.errors import PidrtError
-        from pidrt.runtime.demo import sample_face_photo
-
-        try:
-            image = Image.open(io.BytesIO(sample_face_photo()[0])).convert("RGB")
-        except PidrtError:
-            pytest.skip("needs a face photo: scikit-image (astronaut) or insightface (t1.jpg)")
-    out = []
-    for img in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out[0], out[1]
 
 
 @pytest.fixture(scope="module")

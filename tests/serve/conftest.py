@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 
 import pytest
 
@@ -14,30 +13,6 @@ httpx = pytest.importorskip("httpx", reason="the service tests talk to the app t
 from pidrt.runtime.requests import Defaults, GeneratorConfig  # noqa: E402
 
 STEPS = 2
-
-
-def face_photos() -> tuple[bytes, bytes]:
-    """A real face photo and its mirror image (two identities), as PNG bytes."""
-    from PIL import Image
-
-    try:
-        from skimage import data
-
-        image = Image.fromarray(data.astronaut())
-    except ImportError:
-        from pidrt.errors import PidrtError
-        from pidrt.runtime.demo import sample_face_photo
-
-        try:
-            image = Image.open(io.BytesIO(sample_face_photo()[0])).convert("RGB")
-        except PidrtError:
-            pytest.skip("needs a face photo: scikit-image (astronaut) or insightface (t1.jpg)")
-    out = []
-    for img in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out[0], out[1]
 
 
 def small_config(**kw) -> GeneratorConfig:
