@@ -99,25 +99,10 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float =
 
 
 def _events_ms(fn, warmup_ms, rep_ms) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    one = max(start.elapsed_time(end), 1e-3)
-    for _ in range(max(1, int(warmup_ms / one))):
-        fn()
-    times = []
-    for _ in range(max(5, int(rep_ms / one))):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from pidrt.engines.fast_torch import cuda_time_ms
+
+    one = max(cuda_time_ms(fn, warmup=1, reps=1), 1e-3)  # size the run from one call
+    return cuda_time_ms(fn, warmup=max(1, int(warmup_ms / one)), reps=max(5, int(rep_ms / one)))
 
 
 def reset_peak(device: torch.device) -> int:
