@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pidrt.errors import FormatError, PidrtError
+from pidrt.fileio import atomic_write, fsync_dir
 
 # Re-exported: callers build keys and fingerprints through the store module.
 from pidrt.identity.key import (  # noqa: F401
@@ -131,16 +130,6 @@ def _check_meta(meta: dict[str, str], path: Path, expect_id: str) -> IdentityKey
     return key
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class IdentityStore:
     """Directory of verified, atomically written identity entries; safe across processes."""
 
@@ -195,25 +184,8 @@ class IdentityStore:
             "payload_sha256": fingerprint_tensors(cpu),
             **meta,
         }
-        self._atomic_write(self.path(key.id), st_save(cpu, metadata=header))
+        atomic_write(self.path(key.id), st_save(cpu, metadata=header))
         return key.id, cpu, meta
-
-    def _atomic_write(self, path: Path, data: bytes) -> None:
-        # Unique temp name in the same directory (rename is atomic only within a filesystem);
-        # O_EXCL with mode 0o666 so the entry gets the umask's usual permissions, not mkstemp's 0600.
-        tmp = self.root / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # data on disk before the rename publishes it
-            os.replace(tmp, path)  # readers see the old file or the new one, never a mix
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        _fsync_dir(self.root)
 
     def _read(self, id: str) -> tuple[IdentityKey, dict[str, torch.Tensor], dict[str, str]]:
         path = self.path(id)
@@ -297,4 +269,4 @@ class IdentityStore:
             path.unlink()
         except FileNotFoundError:
             raise UnknownIdentityError(f"unknown identity {id!r} (no {path})") from None
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
