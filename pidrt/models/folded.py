@@ -92,11 +92,11 @@ def apply_folded(base: torch.Tensor, x: torch.Tensor, branch: FoldedBranch, scal
 def stack_folded(items: list[FoldedBranch | None]) -> FoldedBranch:
     """Batch single-element branches ([1, ...] each); None elements get zeros (run them at scale 0)."""
     like = next(i for i in items if i is not None)
-    fields = ("a", "b", "score_bias", "out_bias")
-    stacked = {
-        f: torch.cat([getattr(i if i is not None else like, f) * (1 if i is not None else 0) for i in items])
-        for f in fields
-    }
     if any(i is not None and i.n_tokens != like.n_tokens for i in items):
         raise ValueError("folded branches of one batch need the same token count")
+    fields = ("a", "b", "score_bias", "out_bias")
+    stacked = {
+        f: torch.cat([getattr(i, f) if i is not None else torch.zeros_like(getattr(like, f)) for i in items])
+        for f in fields
+    }
     return FoldedBranch(**stacked, n_tokens=like.n_tokens)
