@@ -260,6 +260,10 @@ class IdentityStore:
     def show(self, id: str) -> EntryInfo:
         """Like one ``list`` row, after fully verifying the entry (CorruptEntryError if not)."""
         self._read(id)
+        return self.info(id)
+
+    def info(self, id: str) -> EntryInfo:
+        """One ``list`` row from the header only: for an entry whose payload was just verified."""
         return self._info(self.path(id))
 
     def delete(self, id: str) -> None:

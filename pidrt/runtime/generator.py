@@ -167,7 +167,8 @@ class Generator:
         ident = _Identity(condition, method)
         if isinstance(condition, EAACondition):
             ident.steps = len(condition.steps)
-            params = dict(self.store.show(identity_id).key.params)
+            # Header only: enroller.condition has just read and verified the whole entry.
+            params = dict(self.store.info(identity_id).key.params)
             with contextlib.suppress(KeyError, ValueError):
                 ident.resolution = int(params["resolution"])
         with self._id_lock:
