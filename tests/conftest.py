@@ -1,5 +1,3 @@
-import io
-
 import pytest
 import torch
 
@@ -25,19 +23,12 @@ def tiny_pipe():
 
 @pytest.fixture(scope="session")
 def photos() -> tuple[bytes, bytes]:
-    """A real face photo shipped in an installed package and its mirror image (two identities), as PNG."""
-    from PIL import Image
-
+    """A real face photo shipped in an installed package and its mirror image (two identities)."""
+    from pidrt.bench.identities import face_photos
     from pidrt.errors import PidrtError
-    from pidrt.runtime.demo import sample_face_photo
 
     try:
-        image = Image.open(io.BytesIO(sample_face_photo()[0])).convert("RGB")
+        (first, _), (mirrored, _) = face_photos()
     except PidrtError:
         pytest.skip("needs a face photo: scikit-image (astronaut) or insightface (t1.jpg)")
-    out = []
-    for img in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out[0], out[1]
+    return first, mirrored

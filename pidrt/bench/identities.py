@@ -9,6 +9,7 @@ identity (k // 2) mod 2 when k is even and none when k is odd, so B=1 is one ide
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tempfile
 from dataclasses import dataclass, field
@@ -52,8 +53,7 @@ def encoders_for_resolution(pipe: Pipeline, encoders: Encoders, resolution: int,
     if eaa is not None and eaa.latent_size != latent and random_weights(pipe):
         n_levels = len(pipe.models.preset.unet.block_out_channels)
         eaa = EAAAdapter.random(pipe.layers, latent, n_levels, s_c=eaa.s_c, seed=seed)
-    return Encoders(sca=encoders.sca, e4e=encoders.e4e, ip=encoders.ip, image_encoder=encoders.image_encoder,
-                    arcface_pack=encoders.arcface_pack, eaa=eaa)
+    return dataclasses.replace(encoders, eaa=eaa)
 
 
 @dataclass
@@ -96,25 +96,10 @@ def enroll_identities(pipe: Pipeline, encoders: Encoders, methods, steps: int, h
             out.unavailable[method] = f"enrollment failed: {exc}"
     if "ip" in out.conditions:
         try:
-            out.ip_embeds = [ip_embedding(encoders, data) for data, _ in photos]
+            out.ip_embeds = [e.float() for e in enroller.ip_embeddings([data for data, _ in photos], EnrollOptions("ip"))]
         except PidrtError as exc:
             out.unavailable["ip_baseline"] = f"no IP-Adapter image embedding for the diffusers baseline: {exc}"
     return out
-
-
-def ip_embedding(encoders: Encoders, photo: bytes) -> torch.Tensor:
-    """The embedding IP-Adapter enrollment projects (CLIP image embedding, or ArcFace for FaceID)."""
-    from pidrt.identity import faces
-    from pidrt.models.image_proj import MLPProjModel
-
-    img = faces.load_image(photo, name="photo")
-    if isinstance(encoders.ip.image_proj, MLPProjModel):
-        crop = faces.preprocess(img, "arcface", policy="largest", name="photo")["arcface112"]
-        return torch.from_numpy(faces.arcface_embedding(crop, encoders.arcface_pack)).float()
-    if encoders.image_encoder is None:
-        raise PidrtError("no CLIP image encoder loaded")
-    crop = faces.preprocess(img, "inv_adapter", policy="largest", name="photo")["face512"]
-    return encoders.image_encoder.embed(crop).float()
 
 
 def element_identity(k: int, n_identities: int) -> int | None:

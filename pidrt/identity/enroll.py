@@ -205,7 +205,7 @@ class Enroller:
                 tokens = {"cond": adapter.mapping(w)[0], "uncond": adapter.mapping.unconditional()[0]}
                 make = SCAIdentity
             else:
-                embeds = torch.stack(self._ip_embeddings(images, opts, adapter))
+                embeds = torch.stack(self.ip_embeddings(images, opts))
                 weights = torch.tensor(opts.reference_weights or [1.0] * len(embeds), dtype=embeds.dtype)
                 embed = (weights[:, None] * embeds).sum(0, keepdim=True) / weights.sum()
                 tokens = {"cond": adapter.image_proj(embed)[0], "uncond": adapter.image_proj(torch.zeros_like(embed))[0]}
@@ -216,7 +216,9 @@ class Enroller:
         cond = FoldedCondition(opts.method, query, *({n: p.branch for n, p in halves[h].items()} for h in ("cond", "uncond")))
         return folded_to_tensors(cond, layers, tokens)
 
-    def _ip_embeddings(self, images, opts, adapter: IPAdapterWeights) -> list[torch.Tensor]:
+    def ip_embeddings(self, images: Sequence[bytes], opts: EnrollOptions) -> list[torch.Tensor]:
+        """The embedding of each image that IP-Adapter's projection reads (CLIP, or ArcFace for FaceID)."""
+        adapter = self._adapter("ip")
         if isinstance(adapter.image_proj, MLPProjModel):  # FaceID: ArcFace identity embedding
             crops = self._faces(images, opts, "arcface112")
             return [torch.from_numpy(faces.arcface_embedding(c, self.encoders.arcface_pack)) for c in crops]
