@@ -23,6 +23,7 @@ from pidrt.identity.store import IdentityStore
 from pidrt.models.branches import IPIdentity, SCAIdentity, few_token_payloads
 from pidrt.models.presets import TINY
 from pidrt.runtime.conditioning import ScaleSchedule
+from pidrt.runtime.generator import encode_image
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 from pidrt.runtime.setup import RuntimeOptions, build_runtime
 
@@ -79,13 +80,6 @@ def folded_vs_unfolded(pipe: Pipeline, item) -> float:
     return float((outs[0] - outs[1]).abs().max())
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(array).save(path)
-
-
 def run_demo(config: DemoConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +106,8 @@ def run_demo(config: DemoConfig) -> dict:
         for stage, seconds in result.timings.items():
             stages[f"generate_{method}_{stage}"] = seconds
         path = out / f"{method}.png"
-        save_png(result.images[0], path)
+        pixels = (result.images[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        path.write_bytes(encode_image(pixels, "png"))
         report["images"][method] = path.name
 
     tokens = {m: enroller.store.get(report["identities"][m]["id"])[0]["tokens.cond"] for m in ("sca", "ip")}
