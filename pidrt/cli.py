@@ -100,6 +100,38 @@ def cmd_build(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(a: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from pidrt.errors import require
+    from pidrt.fileio import atomic_write
+    from pidrt.models.presets import get_preset
+
+    require("triton", "kernels")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise PidrtError("pidrt kernels compiles for a GPU architecture; unset TRITON_INTERPRET (it makes the "
+                         "kernels interpreter functions, which cannot be compiled)")
+    from pidrt.kernels.catalog import compile_variant, markdown, variants
+
+    rows = []
+    for variant in variants(get_preset(a.preset)):
+        for dtype in a.dtype:
+            print(f"compiling {variant.label} {dtype} for sm_{a.arch}", file=sys.stderr)
+            rows.append(compile_variant(variant, a.arch, getattr(torch, dtype), a.out))
+    table = markdown(rows, f"Triton kernel resources, {a.preset} preset, sm_{a.arch} (ptxas, compiled without a GPU)")
+    if a.out is not None:
+        atomic_write(a.out / "report.json", json.dumps([r.to_json() for r in rows], indent=2).encode())
+        atomic_write(a.out / "report.md", table.encode())
+    print(table, end="")
+    spilling = [f"{r.variant} {r.dtype}" for r in rows if r.spill_store_bytes]
+    if spilling and a.fail_on_spill:
+        print(f"pidrt: register spills in {', '.join(spilling)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_doctor(a: argparse.Namespace) -> int:
     import importlib.util
     import platform
@@ -169,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--backend", default="trt")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("kernels", help="compile the Triton kernels for a GPU architecture (no GPU needed); "
+                       "report registers, spills and shared memory (docs/engines.md)")
+    p.add_argument("--preset", choices=["tiny", "sd15"], default="sd15")
+    p.add_argument("--arch", type=int, default=90, help="compute capability as major*10+minor (90: H100/H200)")
+    p.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"], default=["float16"])
+    p.add_argument("--out", type=Path, help="folder for the PTX files and report.json / report.md")
+    p.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any variant spills registers")
+    p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("serve", help="the HTTP service (docs/serving.md)")
     from pidrt.serve.app import add_serve_arguments

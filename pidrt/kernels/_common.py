@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from pidrt.errors import PidrtError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = math.log2(math.e)  # the kernels exponentiate with exp2
 
 
 def interpreting() -> bool:

@@ -21,9 +21,10 @@ import triton.language as tl
 
 from pidrt.errors import PidrtError
 from pidrt.kernels import _common as C
+from pidrt.kernels.aot import Launch, cdiv
 from pidrt.kernels.reference import dual_kv_reference
 
-__all__ = ["dual_kv_attention", "dual_kv_reference"]
+__all__ = ["dual_kv_attention", "dual_kv_reference", "plugin_launch"]
 
 
 @triton.jit
@@ -55,15 +56,19 @@ def _attend(q, K, V, skn, skd, svn, svd, M, offs_d, d_mask, qk_scale,
 
 @triton.jit
 def _dual_kv_kernel(
-    Q, K1, V1, K2, V2, Sigma, Out,
+    # Input pointers, int32 scalars, output pointer: the order TensorRT's ahead-of-time plugins
+    # launch kernels with. The softmax scale is a compile-time constant (one per head dim in SD1.5).
+    Q, K1, V1, K2, V2, Sigma,
     sqb, sqh, sqn, sqd,
     sk1b, sk1h, sk1n, sk1d,
     sv1b, sv1h, sv1n, sv1d,
     sk2b, sk2h, sk2n, sk2d,
     sv2b, sv2h, sv2n, sv2d,
-    sob, soh, son, sod,
     ssig,
-    H, N, M1, M2, D, qk_scale,
+    sob, soh, son, sod,
+    H, N, M1, M2, D,
+    Out,
+    QK_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -79,23 +84,29 @@ def _dual_kv_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     out = _attend(q, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h, sk1n, sk1d, sv1n, sv1d,
-                  M1, offs_d, d_mask, qk_scale, BLOCK_M, BLOCK_N, DP, PREC)
+                  M1, offs_d, d_mask, QK_SCALE, BLOCK_M, BLOCK_N, DP, PREC)
     sigma = tl.load(Sigma + b * ssig).to(tl.float32)
     if sigma != 0.0:
         out2 = _attend(q, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h, sk2n, sk2d, sv2n, sv2d,
-                       M2, offs_d, d_mask, qk_scale, BLOCK_M, BLOCK_N, DP, PREC)
+                       M2, offs_d, d_mask, QK_SCALE, BLOCK_M, BLOCK_N, DP, PREC)
         out = out + sigma * out2
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def _config(dp: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) per padded head dim: keep acc + q tile within registers."""
+    """(BLOCK_M, BLOCK_N, num_warps) per padded head dim.
+
+    The largest tiles that ptxas (sm_90a) fits in registers without spilling while a Q tile, the
+    first pass's result and the second pass's accumulator are all live; see
+    benchmarks/results/kernel-resources-*.md (``pidrt kernels``), which tests/kernels re-checks.
+    Speed on a GPU is not measured yet.
+    """
     if dp <= 64:
-        return 128, 64, 4
-    if dp <= 128:
         return 128, 64, 8
-    return 64, 32, 8
+    if dp <= 128:
+        return 64, 64, 8
+    return 64, 16, 8
 
 
 def dual_kv_attention(
@@ -144,11 +155,37 @@ def dual_kv_attention(
     scale = (1.0 / math.sqrt(d)) if sm_scale is None else float(sm_scale)
     grid = (triton.cdiv(tokens, bm), bsz * heads)
     _dual_kv_kernel[grid](
-        q, k1, v1, k2, v2, sig, out,
-        *q.stride(), *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(), *out.stride(),
-        sig.stride(0),
-        heads, tokens, m1, m2, d, scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        q, k1, v1, k2, v2, sig,
+        *q.stride(), *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(), sig.stride(0), *out.stride(),
+        heads, tokens, m1, m2, d,
+        out,
+        QK_SCALE=C.LOG2E * scale,  # the kernel uses exp2
         BLOCK_M=bm, BLOCK_N=bn, DP=dp, PREC=C.dot_precision(q.dtype),
         num_warps=warps, num_stages=2,
     )
     return out
+
+
+def plugin_launch(batch, tokens, kv1_tokens, kv2_tokens, heads: int, head_dim: int, dtype: torch.dtype,
+                  cdiv=cdiv) -> Launch:
+    """The kernel's plan as the TensorRT plugin ``pidrt::dual_kv`` runs it, on [B, N, H*d] tensors.
+
+    Inputs q [B, N, C], k1/v1 [B, M1, C], k2/v2 [B, M2, C] (C = heads * head_dim, heads not yet
+    split: the strides do it, so the graph needs no transposes) and sigma [B]; output [B, N, C].
+    The batch and the three sequence lengths may be symbolic; heads and head_dim are constants.
+    """
+    if not 1 <= head_dim <= 256:
+        raise PidrtError(f"head dim must be in 1..256, got {head_dim}")
+    c = heads * head_dim
+    dp = max(16, C.next_pow2(head_dim))
+    bm, bn, warps = _config(dp)
+    scalars = {"sqb": tokens * c, "sqh": head_dim, "sqn": c}
+    for name, m in (("k1", kv1_tokens), ("v1", kv1_tokens), ("k2", kv2_tokens), ("v2", kv2_tokens)):
+        scalars.update({f"s{name}b": m * c, f"s{name}h": head_dim, f"s{name}n": c})
+    scalars.update({"sob": tokens * c, "soh": head_dim, "son": c,
+                    "H": heads, "N": tokens, "M1": kv1_tokens, "M2": kv2_tokens, "D": head_dim})
+    unit = {n: 1 for n in ("sqd", "sk1d", "sv1d", "sk2d", "sv2d", "ssig", "sod")}
+    constexprs = {**unit, "QK_SCALE": C.LOG2E / math.sqrt(head_dim), "BLOCK_M": bm, "BLOCK_N": bn, "DP": dp,
+                  "PREC": C.dot_precision(dtype)}
+    return Launch(_dual_kv_kernel, dtype, ("Q", "K1", "V1", "K2", "V2", "Sigma"), "Out", scalars, constexprs,
+                  (cdiv(tokens, bm), batch * heads), warps, 2)

@@ -19,24 +19,28 @@ import triton.language as tl
 
 from pidrt.errors import PidrtError
 from pidrt.kernels import _common as C
+from pidrt.kernels.aot import Launch, cdiv
 from pidrt.kernels.reference import few_token_reference
 from pidrt.models.folded import FoldedBranch
 
-__all__ = ["few_token_branch", "few_token_reference"]
+__all__ = ["few_token_branch", "few_token_reference", "plugin_launch"]
 
 
 @triton.jit
 def _few_token_kernel(
-    X, A, Bm, SB, OB, Base, Scale, Out,
+    # Pointers the TensorRT plugin receives as inputs, then int32 scalars, then the output: the
+    # (inputs, extra args, outputs) order TensorRT's ahead-of-time plugins launch kernels with.
+    Base, X, A, Bm, OB, Scale, SB,
     N, C_in, C_out, n_tok, H, chunks_per_prog,
+    sbsb, sbsn, sbsc,
     sxb, sxn, sxc,
     sab, sak, saj,
     sbb, sbj, sbc,
-    ssbb, ssbj,
     sobb, sobc,
-    sbsb, sbsn, sbsc,
-    sob, son, soc,
     sscale,
+    ssbb, ssbj,
+    sob, son, soc,
+    Out,
     HP: tl.constexpr, NP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     COPY_BASE: tl.constexpr, PREC: tl.constexpr,
@@ -67,8 +71,10 @@ def _few_token_kernel(
             at = tl.load(A + b * sab + offs_k[:, None] * sak + col[None, :] * saj,
                          mask=k_mask[:, None] & col_ok[None, :], other=0.0)
             scores = tl.dot(xt, at, scores, input_precision=PREC)
-        sb = tl.load(SB + b * ssbb + col * ssbj, mask=col_ok, other=0.0).to(tl.float32)
-        scores = tl.where(col_ok[None, :], scores + sb[None, :], float("-inf"))
+        if SB is not None:  # None (a compile-time constant) when the branch has no score bias
+            sb = tl.load(SB + b * ssbb + col * ssbj, mask=col_ok, other=0.0).to(tl.float32)
+            scores = scores + sb[None, :]
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
 
         # Softmax within each head's group of NP columns.
         s3 = tl.reshape(scores, (BLOCK_N, HP, NP))
@@ -99,6 +105,21 @@ def _few_token_kernel(
                 io_mask = n_mask[:, None] & (offs_c < C_out)[None, :]
                 res = tl.load(base_ptr + offs_c[None, :] * sbsc, mask=io_mask, other=0.0)
                 tl.store(out_ptr + offs_c[None, :] * soc, res.to(Out.dtype.element_ty), mask=io_mask)
+
+# 8 warps for every score-tile width: with 4, ptxas (sm_90a) spills the 64 x 64 output chunk plus
+# the probabilities for narrow tiles (HP*NP = 32: 308 bytes); with 8 no width spills (`pidrt kernels`).
+NUM_WARPS = 8
+
+
+def _score_tile(heads: int, n_tok: int) -> tuple[int, int]:
+    """(HP, NP): heads and tokens per head padded to powers of two, HP*NP >= 16 for tl.dot."""
+    np_ = C.next_pow2(n_tok)
+    hp = C.next_pow2(heads)
+    while hp * np_ < 16:  # tl.dot needs every operand dim >= 16
+        hp *= 2
+    if hp * np_ > 256:
+        raise PidrtError(f"heads * pad(n_tokens) = {hp}*{np_} > 256 is more than one score tile holds")
+    return hp, np_
 
 
 def _batched(name: str, t: torch.Tensor, batch: int, rest: tuple) -> torch.Tensor:
@@ -156,12 +177,7 @@ def few_token_branch(
     if out.numel() == 0:
         return out
 
-    np_ = C.next_pow2(n_tok)
-    hp = C.next_pow2(heads)
-    while hp * np_ < 16:  # tl.dot needs every operand dim >= 16
-        hp *= 2
-    if hp * np_ > 256:
-        raise PidrtError(f"heads * pad(n_tokens) = {hp}*{np_} > 256 is more than one score tile holds")
+    hp, np_ = _score_tile(heads, n_tok)
     for name, v in (("block_n", block_n), ("block_k", block_k), ("block_c", block_c)):
         if v < 16 or v & (v - 1):
             raise PidrtError(f"{name} must be a power of two >= 16, got {v}")
@@ -177,14 +193,46 @@ def few_token_branch(
     split_c = triton.cdiv(c_chunks, chunks_per_prog)
     grid = (n_tiles, split_c, bsz)
     _few_token_kernel[grid](
-        x, a, bm, sb, ob, base, scale_v, out,
+        base, x, a, bm, ob, scale_v, sb,
         tokens, c_in, c_out, n_tok, heads, chunks_per_prog,
-        *x.stride(), *a.stride(), *bm.stride(), *sb.stride(), *ob.stride(),
-        *base.stride(), *out.stride(), scale_v.stride(0),
+        *base.stride(), *x.stride(), *a.stride(), *bm.stride(), *ob.stride(), scale_v.stride(0),
+        *sb.stride(), *out.stride(),
+        out,
         HP=hp, NP=np_, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c,
         COPY_BASE=out.data_ptr() != base.data_ptr() or out.stride() != base.stride(),
         PREC=C.dot_precision(x.dtype),
-        num_warps=4 if hp * np_ <= 64 else 8,
+        num_warps=NUM_WARPS,
         num_stages=2,
     )
     return out
+
+
+# An AOT plan cannot look at the token count (it is symbolic until run time), so it fixes how
+# many output-column chunks one program streams; 4 x 64 columns re-reads x at most 5 times (1280).
+PLUGIN_CHUNKS_PER_PROGRAM = 4
+
+
+def plugin_launch(batch, tokens, c_in: int, c_out: int, heads: int, n_tokens: int, dtype: torch.dtype,
+                  cdiv=cdiv, block_n: int = 64, block_k: int = 64, block_c: int = 64) -> Launch:
+    """The kernel's plan on contiguous tensors, as the TensorRT plugin ``pidrt::few_token`` runs it.
+
+    Inputs base [B, N, C_out], x [B, N, C_in], a [B, C_in, H*n], b [B, H*n, C_out], bias [B, C_out],
+    scale [B], all of `dtype`; no score bias (zero for every supported adapter, methods.md sec. 2).
+    `batch` and `tokens` may be symbolic; the channel counts and heads are build-time constants.
+    """
+    hp, np_ = _score_tile(heads, n_tokens)
+    hn = heads * n_tokens
+    chunks = -(-c_out // block_c)
+    per_prog = min(chunks, PLUGIN_CHUNKS_PER_PROGRAM)
+    split = -(-chunks // per_prog)
+    scalars = {
+        "N": tokens, "C_in": c_in, "C_out": c_out, "n_tok": n_tokens, "H": heads, "chunks_per_prog": per_prog,
+        "sbsb": tokens * c_out, "sbsn": c_out, "sxb": tokens * c_in, "sxn": c_in,
+        "sab": c_in * hn, "sak": hn, "sbb": hn * c_out, "sbj": c_out, "sobb": c_out,
+        "sob": tokens * c_out, "son": c_out,
+    }
+    unit = {n: 1 for n in ("sbsc", "sxc", "saj", "sbc", "sobc", "sscale", "soc")}
+    constexprs = {**unit, "SB": None, "ssbb": 0, "ssbj": 0, "HP": hp, "NP": np_, "BLOCK_N": block_n,
+                  "BLOCK_K": block_k, "BLOCK_C": block_c, "COPY_BASE": True, "PREC": C.dot_precision(dtype)}
+    return Launch(_few_token_kernel, dtype, ("Base", "X", "A", "Bm", "OB", "Scale"), "Out", scalars, constexprs,
+                  (cdiv(tokens, block_n), split, batch), NUM_WARPS, 2)

@@ -1,0 +1,161 @@
+"""The kernels' ahead-of-time form: the TensorRT plugin launch plans and compiling for Hopper on CPU.
+
+The plans are run here through Triton (interpreter on CPU) with exactly the arguments, order and
+grid a TensorRT AOT plugin passes, on contiguous [B, N, C] tensors, and compared to the
+references; what TensorRT itself adds (binding pointers by position) is then only the order,
+which `Launch` checks against the kernel signature. Compiling needs the kernels imported without
+the interpreter, so that part runs `pidrt kernels` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pidrt.errors import PidrtError
+from pidrt.kernels import dual_kv, few_token
+from pidrt.kernels.aot import Launch
+from pidrt.models.folded import FoldedBranch
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+
+
+def _few_token_case(bsz, tokens, c_in, c_out, heads, n, dtype, scale):
+    g = torch.Generator().manual_seed(tokens * 7 + n)
+    r = lambda *s, k=1.0: (torch.randn(*s, generator=g) * k).to(dtype)
+    t = {"Base": r(bsz, tokens, c_out), "X": r(bsz, tokens, c_in), "A": r(bsz, c_in, heads * n, k=c_in ** -0.5),
+         "Bm": r(bsz, heads * n, c_out), "OB": r(bsz, c_out), "Scale": torch.tensor(scale, dtype=dtype)}
+    branch = FoldedBranch(t["A"], t["Bm"], torch.zeros(bsz, heads * n, dtype=dtype), t["OB"], n)
+    ref = few_token.few_token_reference(t["Base"].float(), t["X"].float(), _float(branch), t["Scale"].float())
+    return t, ref
+
+
+def _float(branch: FoldedBranch) -> FoldedBranch:
+    return FoldedBranch(branch.a.float(), branch.b.float(), branch.score_bias.float(), branch.out_bias.float(),
+                        branch.n_tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bsz,tokens,c_in,c_out,heads,n", [
+    (2, 37, 48, 80, 2, 3),      # odd tokens, channels not multiples of the blocks
+    (1, 64, 32, 32, 8, 4),      # the tiny preset's widest few-token layer
+    (3, 5, 16, 300, 1, 16),     # one head of 16 tokens, more output chunks than one program streams
+])
+def test_few_token_plugin_plan_matches_reference(dtype, bsz, tokens, c_in, c_out, heads, n):
+    scale = [0.7, 0.0, -1.3][:bsz]
+    tensors, ref = _few_token_case(bsz, tokens, c_in, c_out, heads, n, dtype, scale)
+    plan = few_token.plugin_launch(bsz, tokens, c_in, c_out, heads, n, dtype)
+    out = torch.full_like(tensors["Base"], float("nan"))  # poisoned: every element must be written
+    plan.run(tensors, out)
+    assert torch.allclose(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    if bsz > 1:  # scale 0 is the base, bit for bit
+        assert torch.equal(out[1], tensors["Base"][1])
+
+
+def _split(t, heads):
+    return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bsz,tokens,m2,heads,d", [(2, 37, 19, 2, 40), (1, 64, 16, 8, 16), (2, 9, 77, 1, 80)])
+def test_dual_kv_plugin_plan_matches_reference(dtype, bsz, tokens, m2, heads, d):
+    g = torch.Generator().manual_seed(tokens + d)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)
+    c = heads * d
+    t = {"Q": r(bsz, tokens, c), "K1": r(bsz, tokens, c), "V1": r(bsz, tokens, c), "K2": r(bsz, m2, c),
+         "V2": r(bsz, m2, c), "Sigma": torch.tensor([0.5, 0.0][:bsz], dtype=dtype)}
+    plan = dual_kv.plugin_launch(bsz, tokens, tokens, m2, heads, d, dtype)
+    out = torch.full_like(t["Q"], float("nan"))
+    plan.run(t, out)
+    f = {k: _split(v.float(), heads) for k, v in t.items() if k != "Sigma"}
+    ref = dual_kv.dual_kv_reference(f["Q"], f["K1"], f["V1"], f["K2"], f["V2"], t["Sigma"].float())
+    ref = ref.transpose(1, 2).reshape(bsz, tokens, c)
+    assert torch.allclose(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_plan_order_must_match_the_kernel_signature():
+    plan = few_token.plugin_launch(2, 64, 32, 32, 8, 4, torch.float16)
+    with pytest.raises(PidrtError, match="runtime parameters"):
+        Launch(plan.kernel, plan.dtype, ("X", "Base", "A", "Bm", "OB", "Scale"), plan.output, plan.scalars,
+               plan.constexprs, plan.grid, plan.num_warps, plan.num_stages)
+    with pytest.raises(PidrtError, match="constexpr"):
+        Launch(plan.kernel, plan.dtype, plan.inputs, plan.output, plan.scalars,
+               {k: v for k, v in plan.constexprs.items() if k != "HP"}, plan.grid, plan.num_warps, plan.num_stages)
+
+
+def test_plan_rejects_sizes_past_int32():
+    with pytest.raises(PidrtError, match="int32"):
+        few_token.plugin_launch(2, 2**22, 1280, 1280, 8, 4, torch.float16)
+
+
+def test_plan_scalars_are_expressions_of_symbolic_dims():
+    class Sym:  # stands in for TensorRT's ShapeExpr: only the operators the plans may use
+        def __init__(self, text):
+            self.text = text
+
+        def __mul__(self, k):
+            return Sym(f"({self.text}*{k})")
+
+        __rmul__ = __mul__
+
+    cdiv = lambda a, b: Sym(f"cdiv({a.text},{b})")
+    plan = dual_kv.plugin_launch(Sym("B"), Sym("N"), Sym("N"), Sym("M"), 8, 40, torch.float16, cdiv=cdiv)
+    assert plan.scalars["sqb"].text == "(N*320)" and plan.scalars["sk2b"].text == "(M*320)"
+    assert plan.grid[0].text == "cdiv(N,128)" and plan.grid[1].text == "(B*8)"
+    assert plan.scalars["D"] == 40 and plan.scalars["sqn"] == 320
+
+
+def test_compile_needs_a_non_interpreter_process():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("kernels are compiled functions in this process")
+    with pytest.raises(PidrtError, match="separate process"):
+        few_token.plugin_launch(2, 64, 32, 32, 8, 4, torch.float16).compile(90)
+
+
+def _without_interpreter() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # compiling must not need a GPU even where one exists
+    return env
+
+
+def test_every_sd15_variant_compiles_for_hopper_without_spills(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pidrt.cli", "kernels", "--preset", "sd15", "--arch", "90",
+                           "--dtype", "float16", "bfloat16", "--out", str(tmp_path), "--fail-on-spill"],
+                          capture_output=True, text=True, env=_without_interpreter(), timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "report.json").read_text())
+    labels = {r["variant"] for r in rows}
+    assert labels == {f"few_token n={n}" for n in (1, 2, 4, 8, 16)} | {f"dual_kv d={d}" for d in (40, 80, 160)}
+    assert len(rows) == 16 and all(r["spill_store_bytes"] == 0 for r in rows)
+    # A plain launch passes no dynamic shared memory opt-in: stay within the 48 KiB default.
+    assert all(r["shared_bytes"] <= 48 * 1024 for r in rows)
+    assert len(list(tmp_path.glob("*.ptx"))) == 16 and "| dual_kv d=160 |" in (tmp_path / "report.md").read_text()
+
+
+ABI_SCRIPT = """
+import json, sys, torch
+from pidrt.kernels import dual_kv, few_token
+out = []
+for plan in (few_token.plugin_launch(2, 4096, 320, 320, 8, 4, torch.float16),
+             dual_kv.plugin_launch(2, 4096, 77, 256, 8, 40, torch.float16)):
+    k = plan.compile(90)
+    out.append({"planned": [*["ptr"] * len(plan.inputs), *["i32"] * len(plan.scalars), "ptr"],
+                "ptx": k.ptx_params(), "cubin": len(k.cubin), "arch": k.arch, "threads": k.block_threads})
+json.dump(out, sys.stdout)
+"""
+
+
+def test_compiled_parameters_are_the_plans_then_trailing_null_scratch():
+    done = subprocess.run([sys.executable, "-c", ABI_SCRIPT], capture_output=True, text=True,
+                          env=_without_interpreter(), timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for k in json.loads(done.stdout):
+        kinds = ["ptr" if ".ptr" in p else "i32" if p == ".u32" else p for p in k["ptx"]]
+        # Triton appends global and profile scratch pointers; TensorRT passes null for them.
+        assert kinds == k["planned"] + ["ptr", "ptr"]
+        assert k["cubin"] > 0 and k["arch"] == 90 and k["threads"] == 256
