@@ -263,15 +263,15 @@ def _pidrt_step(pipe, sampling, prompt, seed, cond, scale) -> int:
     from pidrt.runtime.pipeline import ImageSpec, Pipeline
 
     counted = []
-    state, kernels = pipe.state, pipe.state.kernels
+    state, fused = pipe.state, pipe.state.fused
 
     def counting(x, t, ctx):
         out = []
-        state.kernels = False
+        state.fused = None
         try:
             counted.append(common.count_flops(lambda: out.append(Pipeline.unet(pipe, x, t, ctx))))
         finally:
-            state.kernels = kernels
+            state.fused = fused
         return out[0]
 
     pipe.unet = counting  # instance attribute: shadows the method for this one generation

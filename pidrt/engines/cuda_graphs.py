@@ -89,7 +89,7 @@ def method_signature(state: BranchState) -> tuple:
     return (
         tuple(layers),
         _tensor_sig(state.scale),
-        bool(state.kernels),
+        repr(state.fused),
         bool(state.explicit_attention),
     )
 

@@ -57,7 +57,7 @@ class FastTorchConfig:
 
     dtype: torch.dtype | str = torch.float16
     channels_last: bool = True
-    kernels: bool = True  # Triton kernels for folded SCA/IP branches and EAA (BranchState.kernels)
+    kernels: bool = True  # Triton kernels for folded SCA/IP branches and EAA (BranchState.fused)
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the UNet (inside the graphs when cuda_graphs)
     compile_mode: str | None = None  # torch.compile mode; None = its default
@@ -222,7 +222,10 @@ class FastPipeline(Pipeline):
         unet = self.models.unet
         if config.channels_last:
             unet.to(memory_format=torch.channels_last)
-        self.state.kernels = config.kernels
+        if config.kernels:
+            from pidrt.kernels.ops import TritonOps
+
+            self.state.fused = TritonOps()
         self.state.explicit_attention = False
         self._module = torch.compile(unet, mode=config.compile_mode, dynamic=False) if config.compile else unet
         self.sdpa_choice: dict[tuple, str | None] = {}

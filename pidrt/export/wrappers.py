@@ -46,9 +46,10 @@ class UNetGraph(nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         feed = dict(zip(self.spec.input_names, args))
         state = branch_state(self.unet)
-        saved = state.explicit_attention, state.kernels
-        # Triton kernels cannot be traced; the graph carries the plain torch form of the branch.
-        state.explicit_attention, state.kernels = self.explicit_attention, False
+        saved = state.explicit_attention, state.fused
+        # Triton kernels cannot be traced: the graph carries the plain torch form of the branch,
+        # or (spec.plugins) one TensorRT plugin node per layer call.
+        state.explicit_attention, state.fused = self.explicit_attention, _plugin_nodes() if self.spec.plugins else None
         state.layers = self.payloads(feed)
         state.scale = feed.get("scale")
         try:
@@ -56,7 +57,13 @@ class UNetGraph(nn.Module):
                              return_dict=False)[0]
         finally:
             state.clear()
-            state.explicit_attention, state.kernels = saved
+            state.explicit_attention, state.fused = saved
+
+
+def _plugin_nodes():
+    from pidrt.export.plugin_nodes import PluginNodes
+
+    return PluginNodes()
 
 
 class TextEncoderGraph(nn.Module):

@@ -13,7 +13,7 @@ computes, op for op, so the base UNet's output is reproduced bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,21 @@ class EAARows:
 Payload = Union[UnfoldedBranch, FoldedLayer, EAAKV, EAARows]
 
 
+class FusedOps(Protocol):
+    """Fused forms of the two branch computations; each must equal the reference path it replaces.
+
+    Implementations: the Triton kernels (``pidrt.kernels.ops.TritonOps``) and the TensorRT plugin
+    nodes an export can emit instead of plain ops (``pidrt.export.plugin_nodes.PluginNodes``).
+    """
+
+    def few_token(self, base: torch.Tensor, x: torch.Tensor, branch: FoldedBranch, scale: torch.Tensor) -> torch.Tensor:
+        """base + scale[b] * folded_attention(x, branch), [B, N, C]."""
+
+    def dual_kv(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys2: torch.Tensor,
+                values2: torch.Tensor, sigma: torch.Tensor, heads: int) -> torch.Tensor:
+        """attn(q, k, v) + sigma[b] * attn(q, k2, v2) on [B, tokens, C] tensors, heads merged."""
+
+
 @dataclass
 class BranchState:
     """What the processors read on a UNet call; the pipeline (or an export wrapper) fills it.
@@ -109,14 +124,15 @@ class BranchState:
     layers: layer name -> payload; a missing layer runs plain attention.
     record: when a dict, every layer appends its normalised input X (EAA feature recording).
     explicit_attention: MatMul-Softmax-MatMul instead of SDPA (the ONNX pattern TensorRT fuses).
-    kernels: run folded branches and EAA through the fused Triton kernels (pidrt.kernels).
+    fused: run folded branches and EAA through these fused ops (Triton kernels, or plugin nodes
+    in an export) instead of the reference torch code; None: the reference.
     """
 
     scale: torch.Tensor | None = None
     layers: dict[str, Payload] = field(default_factory=dict)
     record: dict[str, list[torch.Tensor]] | None = None
     explicit_attention: bool = False
-    kernels: bool = False
+    fused: FusedOps | None = None
 
     def clear(self) -> None:
         self.scale = None
@@ -159,19 +175,23 @@ class IdentityAttnProcessor:
             state.record.setdefault(self.layer.name, []).append(x.detach())
         ctx = x if encoder_hidden_states is None else encoder_hidden_states
         heads = attn.heads
-        query = attn.to_q(x)
-        q = split_heads(query, heads)
-        k = split_heads(attn.to_k(ctx), heads)
-        v = split_heads(attn.to_v(ctx), heads)
-        z = merge_heads(attend(q, k, v, state.explicit_attention)).to(query.dtype)
-
-        payload = state.layers.get(self.layer.name)
-        if payload is None or state.scale is None:
-            return attn.to_out[1](attn.to_out[0](z))
+        query, key, value = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+        payload = state.layers.get(self.layer.name) if state.scale is not None else None
         if isinstance(payload, EAARows):
             payload = payload.to_kv(x)
-        if state.kernels and not isinstance(payload, UnfoldedBranch):
-            return attn.to_out[1](self._fused(attn, payload, x, q, k, v, z))
+        fused = None if isinstance(payload, UnfoldedBranch) else state.fused
+        if fused is not None and isinstance(payload, EAAKV):
+            # One pass over both KV sets: the base attention is part of it, not computed apart.
+            z = fused.dual_kv(query, key, value, payload.keys, payload.values, state.scale, heads)
+            return attn.to_out[1](attn.to_out[0](z))
+        q = split_heads(query, heads)
+        z = merge_heads(attend(q, split_heads(key, heads), split_heads(value, heads), state.explicit_attention))
+        z = z.to(query.dtype)
+        if payload is None:
+            return attn.to_out[1](attn.to_out[0](z))
+        if fused is not None:
+            source = z if payload.query == "z" else x
+            return attn.to_out[1](fused.few_token(attn.to_out[0](z), source, payload.branch, state.scale))
         scale = state.scale.to(z.dtype).view(-1, 1, 1)
         if isinstance(payload, FoldedLayer):
             source = z if payload.query == "z" else x
@@ -181,20 +201,6 @@ class IdentityAttnProcessor:
             extra = attend(q, split_heads(payload.keys, heads), split_heads(payload.values, heads), state.explicit_attention)
             return attn.to_out[1](attn.to_out[0](z + scale * merge_heads(extra)))
         return attn.to_out[1](self._unfolded(attn, payload, z, query, scale))
-
-    def _fused(self, attn, payload, x, q, k, v, z):
-        """The same maths as the reference paths, through one Triton kernel per layer call."""
-        if isinstance(payload, FoldedLayer):
-            from pidrt.kernels.few_token import few_token_branch
-
-            source = z if payload.query == "z" else x
-            return few_token_branch(attn.to_out[0](z), source, payload.branch, self.state.scale)
-        from pidrt.kernels.dual_kv import dual_kv_attention
-
-        heads = attn.heads
-        both = dual_kv_attention(q, k, v, split_heads(payload.keys, heads), split_heads(payload.values, heads),
-                                 self.state.scale)
-        return attn.to_out[0](merge_heads(both))
 
     def _unfolded(self, attn, p: UnfoldedBranch, z, query, scale):
         heads = attn.heads

@@ -33,6 +33,6 @@ def test_fast_pipeline_with_kernels_matches_reference_on_cpu():
     specs = [ImageSpec("p", 5, condition=cond, schedule=ScaleSchedule(0.8))]
     want = ref.generate(config, specs)
     got = fast.generate(config, specs)
-    assert fast.state.kernels and not ref.state.kernels
+    assert fast.state.fused is not None and ref.state.fused is None
     assert (got.latents - want.latents).abs().max() < 1e-4
     assert (got.images - want.images).abs().max() < 1e-4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pidrt.kernels.ops import TritonOps
 from pidrt.models.adapters import EAAAdapter, SCAAdapter
 from pidrt.models.attention import attention_layers, branch_state
 from pidrt.models.branches import SCAIdentity, eaa_payloads, few_token_payloads, project_eaa
@@ -30,9 +31,10 @@ def test_kernel_path_equals_reference_path():
     for name, payloads in cases.items():
         outs = []
         for kernels in (False, True):
-            state.layers, state.scale, state.kernels = payloads, torch.tensor([0.8, 0.0]), kernels
+            state.layers, state.scale = payloads, torch.tensor([0.8, 0.0])
+            state.fused = TritonOps() if kernels else None
             with torch.no_grad():
                 outs.append(unet(x, t, encoder_hidden_states=ctx).sample)
         state.clear()
-        state.kernels = False
+        state.fused = None
         assert (outs[0] - outs[1]).abs().max() < 1e-4, name
