@@ -66,7 +66,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from pidrt.export.commands import export_models
+    from pidrt.export.commands import ExportOptions, export_models
+    from pidrt.export.specs import SpecOptions
 
     if a.model is not None:
         from pidrt.models.loading import load_models
@@ -75,7 +76,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         source = load_models(a.model, get_preset(a.preset))
     else:
         source = a.preset
-    manifest = export_models(source, a.method, a.out, fp16=a.fp16)
+    options = ExportOptions(spec=SpecOptions(plugins=a.trt_plugins))
+    manifest = export_models(source, a.method, a.out, fp16=a.fp16, options=options)
     print(json.dumps({"manifest": str(manifest)}))
     return 0
 
@@ -188,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["none", "sca", "ip", "eaa"], default="none")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--fp16", action="store_true")
+    p.add_argument("--trt-plugins", action="store_true",
+                   help="UNet identity branches as pidrt TensorRT plugin nodes (fused Triton kernels compiled into "
+                        "the engine) instead of plain ops; onnxruntime runs them lowered to plain ops")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="run exported graphs against the torch reference; exit 1 above tolerance")

@@ -3,6 +3,10 @@
 CPU execution provider by default (what CI runs). With onnxruntime-gpu, the CUDA or TensorRT
 execution provider runs the graph and torch CUDA tensors are bound by address (IO binding):
 no host round trip, outputs written straight into torch tensors.
+
+A graph exported with TensorRT plugin nodes (``pidrt export --trt-plugins``) runs here with the
+nodes rewritten to the same maths in plain ops (`lower_plugin_nodes`), so `pidrt verify` checks
+such a graph, all but the kernels themselves, on any machine.
 """
 
 from __future__ import annotations
@@ -72,7 +76,16 @@ class OrtRunner(GraphRunner):
         if threads:
             options.intra_op_num_threads = threads
         chosen = choose_providers(providers, ort.get_available_providers(), cache_dir)
-        self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        source: str | bytes = str(path)
+        if spec.plugins:
+            from pidrt.export.plugin_nodes import lower_plugin_nodes
+
+            onnx = require("onnx", "onnx")
+            source = lower_plugin_nodes(onnx.load(source, load_external_data=False)).SerializeToString()
+            # From bytes, onnxruntime finds external weights only when told the graph's folder.
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(path).parent))
+        self.session = ort.InferenceSession(source, options, providers=chosen)
         self.on_gpu = self.session.get_providers()[0] != PROVIDERS["cpu"]
 
     def _run(self, feed, env):

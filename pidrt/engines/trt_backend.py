@@ -8,6 +8,9 @@ same structure is refitted with new weights instead of rebuilt. Run: TensorRT 10
 API with torch tensors bound by address on torch's current stream; optional CUDA graph capture
 per static input shape (replayed while shapes repeat, as in a denoising loop).
 
+Graphs exported with plugin nodes (``--trt-plugins``) get pidrt's Triton kernels compiled into
+the engine as ahead-of-time plugins (`pidrt.engines.trt_plugins`).
+
 Written against TensorRT 10 and polygraphy >= 0.49 public APIs; TensorRT cannot be installed on
 the machines this was written on, so only the unavailable path is tested here (docs/engines.md).
 """
@@ -70,6 +73,10 @@ def engine_paths(entry: GraphEntry, options: BuildOptions, trt_version: str, gpu
     profiles = options.profiles or entry.spec.profiles
     structure = {"spec": entry.spec.to_json(), "trt": trt_version, "gpu": gpu,
                  "options": {**asdict(options), "profiles": [asdict(p) for p in profiles], "cuda_graph": None}}
+    if entry.spec.plugins:  # the engine embeds the kernels' PTX: a kernel edit must rebuild it
+        from pidrt.engines.trt_plugins import kernels_fingerprint
+
+        structure["kernels"] = kernels_fingerprint()
     skey = hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()
     return entry.dir / "engines" / f"{entry.name}-{skey[:16]}-{entry.key[:16]}.plan", skey
 
@@ -103,6 +110,10 @@ def build_engine(entry: GraphEntry, options: BuildOptions = BuildOptions()) -> P
     config = CreateConfig(fp16=options.fp16, profiles=profiles, builder_optimization_level=options.optimization_level,
                           refittable=options.refittable, memory_pool_limits=pools,
                           load_timing_cache=str(timing) if timing.is_file() else None)
+    if entry.spec.plugins:
+        from pidrt.engines.trt_plugins import register
+
+        register()  # the parser maps the graph's pidrt nodes to these; the engine embeds their PTX
     # The path form lets the parser read external data (UNets over 2 GB) next to the graph.
     network = network_from_onnx_path(str(entry.path))
     blob = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing))

@@ -113,6 +113,7 @@ class ModelSpec:
     identity_layers: tuple[tuple[int, str], ...] = ()
     n_tokens: int = 0  # few-token branch tokens per head (SCA/IP)
     opset: int = OPSET
+    plugins: bool = False  # identity branches as TensorRT plugin nodes (export/plugin_nodes.py)
 
     @property
     def input_names(self) -> list[str]:
@@ -164,12 +165,13 @@ class ModelSpec:
             inputs=tensors(d["inputs"]), outputs=tensors(d["outputs"]),
             profiles=tuple(Profile(*(tuple(p[k]) for k in ("batch", "height", "width"))) for p in d["profiles"]),
             levels=d["levels"], identity_layers=tuple((int(i), str(n)) for i, n in d["identity_layers"]),
-            n_tokens=d["n_tokens"], opset=d["opset"],
+            n_tokens=d["n_tokens"], opset=d["opset"], plugins=bool(d.get("plugins", False)),
         )
 
 
-def graph_name(kind: str, method: str, dtype: str) -> str:
-    return "_".join([kind] + ([method] if kind == "unet" else []) + ["fp16" if dtype == "float16" else "fp32"])
+def graph_name(kind: str, method: str, dtype: str, plugins: bool = False) -> str:
+    parts = [kind] + ([method] if kind == "unet" else []) + ["fp16" if dtype == "float16" else "fp32"]
+    return "_".join(parts + (["plugins"] if plugins else []))
 
 
 def _check(method: str, dtype: str) -> None:
@@ -180,9 +182,14 @@ def _check(method: str, dtype: str) -> None:
 
 
 def unet_spec(preset: Preset, layers: Sequence[LayerInfo], method: str = "none", dtype: str = "float32",
-              n_tokens: int = 4, eaa_cross_tokens: int | None = None, profiles: tuple[Profile, ...] | None = None) -> ModelSpec:
-    """The UNet graph of one identity method (the input contract is in docs/engines.md)."""
+              n_tokens: int = 4, eaa_cross_tokens: int | None = None, profiles: tuple[Profile, ...] | None = None,
+              plugins: bool = False) -> ModelSpec:
+    """The UNet graph of one identity method (the input contract is in docs/engines.md).
+
+    plugins: the branches as TensorRT plugin nodes; same inputs and outputs (a base UNet has none).
+    """
     _check(method, dtype)
+    plugins = plugins and method != "none"
     u = preset.unet
     levels = len(u.block_out_channels)
     eaa_cross_tokens = eaa_cross_tokens or (16 if preset.name == "tiny" else 256)
@@ -209,11 +216,11 @@ def unet_spec(preset: Preset, layers: Sequence[LayerInfo], method: str = "none",
             inputs += [TensorSpec(f"k_{layer.index}", dtype, ("batch", m, layer.channels)),
                        TensorSpec(f"v_{layer.index}", dtype, ("batch", m, layer.channels))]
     return ModelSpec(
-        name=graph_name("unet", method, dtype), kind="unet", method=method, dtype=dtype, inputs=tuple(inputs),
+        name=graph_name("unet", method, dtype, plugins), kind="unet", method=method, dtype=dtype, inputs=tuple(inputs),
         outputs=(TensorSpec("noise_pred", dtype, ("batch", u.out_channels, "height", "width")),),
         profiles=profiles or default_profiles(preset), levels=levels,
         identity_layers=tuple((layer.index, layer.name) for layer in chosen),
-        n_tokens=n_tokens if method in ("sca", "ip") else 0,
+        n_tokens=n_tokens if method in ("sca", "ip") else 0, plugins=plugins,
     )
 
 
@@ -260,12 +267,14 @@ class SpecOptions:
     n_tokens: int = 4
     eaa_cross_tokens: int | None = None  # s_c of the EAA adapter; None: 16 for tiny, 256 (the paper's) else
     profiles: tuple[Profile, ...] | None = None
+    plugins: bool = False  # UNet identity branches as TensorRT plugin nodes (export/plugin_nodes.py)
 
 
 def model_spec(kind: str, preset: Preset, layers: Sequence[LayerInfo], method: str, dtype: str,
                options: SpecOptions = SpecOptions()) -> ModelSpec:
     if kind == "unet":
-        return unet_spec(preset, layers, method, dtype, options.n_tokens, options.eaa_cross_tokens, options.profiles)
+        return unet_spec(preset, layers, method, dtype, options.n_tokens, options.eaa_cross_tokens, options.profiles,
+                         options.plugins)
     makers = {"text_encoder": text_encoder_spec, "vae_decoder": vae_decoder_spec, "vae_encoder": vae_encoder_spec}
     if kind not in makers:
         raise PidrtError(f"unknown graph kind {kind!r}; choose from {KINDS}")

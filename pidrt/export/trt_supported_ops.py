@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import onnx
 
+from pidrt.export.plugin_nodes import NAMESPACE as PLUGIN_NAMESPACE
+from pidrt.export.plugin_nodes import OPS as PLUGIN_OPS
+
 SOURCE = "https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md (TensorRT 10.15 GA, opset 9-24)"
 OPSET_RANGE = (9, 24)
 
@@ -103,6 +106,8 @@ def check_graph(model: onnx.ModelProto) -> list[str]:
     seen: set[tuple[str, str]] = set()
     for node in model.graph.node:
         op = node.op_type
+        if node.domain == PLUGIN_NAMESPACE and op in PLUGIN_OPS:
+            continue  # pidrt's own plugins: pidrt.engines.trt_plugins registers them before a build
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"{op} (domain {node.domain}): custom-domain op, needs a plugin")
             continue

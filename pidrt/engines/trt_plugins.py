@@ -1,0 +1,121 @@
+"""pidrt's kernels as TensorRT ahead-of-time plugins (``tensorrt.plugin``, TensorRT >= 10.10).
+
+`register` defines ``pidrt::few_token`` and ``pidrt::dual_kv`` (the node contracts of
+``pidrt.export.plugin_nodes``) with TensorRT's Python plugin API: an output description, the
+dtypes they take (fp32 or fp16, all inputs alike) and an ``aot_impl`` that compiles the Triton
+kernel for the GPU the engine is built on and returns its PTX, launch grid and int32 arguments.
+TensorRT embeds the PTX in the engine, so a built engine runs without Python or Triton.
+
+The launch plans (argument order, strides as shape expressions, grid) are the kernels' own
+``plugin_launch`` functions, tested on CPU through Triton's interpreter; what is left here is
+the translation to TensorRT's types. TensorRT cannot be installed where this was written, so
+this module has never run: tests skip it with that reason (docs/engines.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pidrt.errors import PidrtError, require
+
+_REGISTERED: list[bool] = []
+
+
+def kernels_fingerprint() -> str:
+    """Hash of the kernel sources an AOT engine embeds: part of its cache key, so edits rebuild."""
+    import pidrt.kernels as pkg
+
+    root = Path(pkg.__file__).parent
+    digest = hashlib.sha256()
+    for name in ("aot.py", "few_token.py", "dual_kv.py", "_common.py"):
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _constant(expr, what: str) -> int:
+    if not expr.is_constant:
+        raise PidrtError(f"{what} must be a build-time constant in the graph (it sets the compiled kernel)")
+    return int(expr.constant_value())
+
+
+def _current_arch() -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def _aot_result(trtp, launch):
+    """(kernel name, PTX, launch params, extra args) as ``aot_impl`` returns them."""
+    compiled = launch.compile(_current_arch())
+    params = trtp.KernelLaunchParams()
+    grid = list(launch.grid) + [1] * (3 - len(launch.grid))
+    params.grid_x, params.grid_y, params.grid_z = grid
+    params.block_x = compiled.block_threads
+    params.shared_mem = compiled.shared_bytes
+    extra = trtp.SymIntExprs(len(launch.scalars))
+    for i, value in enumerate(launch.scalars.values()):
+        extra[i] = trtp.SymInt32(value)
+    return compiled.name.encode(), compiled.ptx.encode(), params, extra
+
+
+def register() -> None:
+    """Define both plugins in TensorRT's registry (once per process; before parsing a plugin graph)."""
+    if _REGISTERED:
+        return
+    trt = require("tensorrt", "trt")
+    trtp = require("tensorrt.plugin", "trt")
+    require("triton", "kernels")
+    import torch
+
+    from pidrt.kernels import dual_kv, few_token
+
+    def dtype_of(desc):
+        if desc.dtype == trt.float16:
+            return torch.float16
+        if desc.dtype == trt.float32:
+            return torch.float32
+        raise PidrtError(f"pidrt plugins take float16 or float32 tensors, got {desc.dtype}")
+
+    same_types = lambda n: trtp.AutoTuneCombination(", ".join(["FP32|FP16"] * n))
+
+    @trtp.register("pidrt::few_token")
+    def _few_token_desc(base: trtp.TensorDesc, x: trtp.TensorDesc, a: trtp.TensorDesc, b: trtp.TensorDesc,
+                        bias: trtp.TensorDesc, scale: trtp.TensorDesc, n_tokens: int) -> trtp.TensorDesc:
+        return base.like()
+
+    @trtp.autotune("pidrt::few_token")
+    def _few_token_types(base, x, a, b, bias, scale, n_tokens, outputs):
+        return [same_types(7)]
+
+    @trtp.aot_impl("pidrt::few_token")
+    def _few_token_aot(base, x, a, b, bias, scale, n_tokens: int, outputs, tactic):
+        hn = _constant(a.shape_expr[2], "few_token: a's last dim (heads * n_tokens)")
+        if hn % n_tokens:
+            raise PidrtError(f"few_token: a's last dim {hn} is not heads * n_tokens (n_tokens={n_tokens})")
+        launch = few_token.plugin_launch(
+            base.shape_expr[0], base.shape_expr[1], _constant(x.shape_expr[2], "few_token: x channels"),
+            _constant(base.shape_expr[2], "few_token: output channels"), hn // n_tokens, n_tokens,
+            dtype_of(base), cdiv=trtp.cdiv)
+        return _aot_result(trtp, launch)
+
+    @trtp.register("pidrt::dual_kv")
+    def _dual_kv_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, k2: trtp.TensorDesc,
+                      v2: trtp.TensorDesc, sigma: trtp.TensorDesc, heads: int) -> trtp.TensorDesc:
+        return q.like()
+
+    @trtp.autotune("pidrt::dual_kv")
+    def _dual_kv_types(q, k, v, k2, v2, sigma, heads, outputs):
+        return [same_types(7)]
+
+    @trtp.aot_impl("pidrt::dual_kv")
+    def _dual_kv_aot(q, k, v, k2, v2, sigma, heads: int, outputs, tactic):
+        channels = _constant(q.shape_expr[2], "dual_kv: channels")
+        if channels % heads:
+            raise PidrtError(f"dual_kv: {channels} channels do not split into {heads} heads")
+        launch = dual_kv.plugin_launch(q.shape_expr[0], q.shape_expr[1], k.shape_expr[1], k2.shape_expr[1], heads,
+                                       channels // heads, dtype_of(q), cdiv=trtp.cdiv)
+        return _aot_result(trtp, launch)
+
+    _REGISTERED.append(True)
