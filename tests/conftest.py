@@ -1,9 +1,17 @@
+import os
+
 import pytest
 import torch
 
-from pidrt.models.build import build_random
-from pidrt.models.presets import TINY
-from pidrt.runtime.pipeline import Pipeline
+# Triton fixes interpreter mode when a kernel is decorated, i.e. when its module is first
+# imported, and that can happen from any test directory: set it for the whole session, before
+# any pidrt import (a GPU run keeps compiled kernels; setdefault lets TRITON_INTERPRET=0 force it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pidrt.models.build import build_random  # noqa: E402
+from pidrt.models.presets import TINY  # noqa: E402
+from pidrt.runtime.pipeline import Pipeline  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
