@@ -5,6 +5,9 @@
 - ``pidrt.kernels.dual_kv``: attention over two KV sets sharing one query (Inv-Adapter EAA;
   methods.md sec. 3), out = attn(q, k1, v1) + sigma[b] * attn(q, k2, v2), one flash-style pass.
 - ``pidrt.kernels.reference``: plain-torch references for both (no Triton needed).
+- ``pidrt.kernels.ops``: both behind the processors' ``FusedOps`` interface (``BranchState.fused``).
+- ``pidrt.kernels.aot``: launch plans in TensorRT's plugin argument order, compiled for a named GPU
+  architecture without a GPU; ``pidrt.kernels.catalog``: every variant a preset needs (`pidrt kernels`).
 
 This package module stays import-light: it never imports triton (or torch) itself, so code that
 only asks ``available()`` does not pay for, or fail on, a Triton import. The kernel modules import

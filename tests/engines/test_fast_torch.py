@@ -2,8 +2,7 @@
 path against the reference pipeline. GPU-only checks (real CUDA graphs, fp16/bf16, SDPA
 backends, SD1.5 shapes) are marked `gpu` and skipped without CUDA.
 
-Nothing here imports Triton: tests/kernels/conftest.py must set TRITON_INTERPRET before the
-first import (the kernel path on CPU is tested in tests/kernels/test_fast_torch_cpu.py).
+The kernel path on CPU is tested in tests/kernels/test_fast_torch_cpu.py.
 """
 
 from __future__ import annotations

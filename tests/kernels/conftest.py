@@ -1,8 +1,8 @@
 """Kernel tests run in the Triton interpreter on CPU unless a CUDA device is present.
 
 TRITON_INTERPRET must be set before any @triton.jit function is created (Triton decides at
-decoration time), so it is set here at import, before the test modules import the kernels.
-``setdefault`` lets a GPU run force the compiled path with TRITON_INTERPRET=0.
+decoration time); the root tests/conftest.py sets it for the whole session. Here: GPU-only tests
+are skipped when the kernels run interpreted.
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 

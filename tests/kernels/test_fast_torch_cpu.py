@@ -1,6 +1,5 @@
 """The fast torch backend with its Triton kernels, in the interpreter on CPU, against the reference.
 
-Lives here because tests/kernels/conftest.py sets TRITON_INTERPRET before Triton is imported.
 One interpreted UNet call costs seconds, so this is a single generation step; the EAA kernel
 path is covered at the processor level by test_processor_kernels.py.
 """
