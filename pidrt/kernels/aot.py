@@ -93,8 +93,13 @@ class Launch:
         return {n: "constexpr" if n in self.constexprs else ptr if n in self.inputs or n == self.output else "i32"
                 for n in _parameters(self.kernel)[0]}
 
-    def compile(self, arch: int, ptx_version: int | None = None) -> CompiledKernel:
-        """Compile for sm_<arch> (e.g. 90) with Triton's bundled LLVM and ptxas; no GPU needed."""
+    def compile(self, arch: int, max_ptx_version: int | None = None) -> CompiledKernel:
+        """Compile for sm_<arch> (e.g. 90) with Triton's bundled LLVM and ptxas; no GPU needed.
+
+        Triton writes the PTX ISA of its bundled ptxas (9.4 for Triton 3.9's CUDA 13.4), which a
+        driver loading the PTX itself, as TensorRT does, refuses when it is older (a CUDA 13.0
+        driver JITs up to 9.0): pass `max_ptx_version` (e.g. `driver_ptx_version()`) to cap it.
+        """
         if self.dtype not in TRITON_TYPES:
             raise PidrtError(f"unsupported dtype {self.dtype}")
         if self.dtype == torch.bfloat16 and arch < 80:
@@ -112,8 +117,8 @@ class Launch:
         # fp fusion (FMA) on, as Triton's JIT compiles the same kernels today; explicit, so the
         # AOT code does not change when Triton flips its default.
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
-        if ptx_version is not None:
-            options["ptx_version"] = ptx_version
+        if max_ptx_version is not None:
+            options["ptx_version"] = min(max_ptx_version, _toolchain_ptx_version(arch))
         compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         meta = compiled.metadata
         _check_launch_abi(meta)
@@ -138,6 +143,28 @@ def _parameters(kernel) -> tuple[list[str], set[str]]:
     fn = getattr(kernel, "fn", kernel)
     params = inspect.signature(fn).parameters
     return list(params), {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+
+
+def driver_ptx_version() -> int | None:
+    """The newest PTX ISA the installed CUDA driver compiles (e.g. 90 for CUDA 13.0), None without one."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
+
+
+def _toolchain_ptx_version(arch: int) -> int:
+    from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+    return ptx_get_version(get_ptxas(arch).version)
 
 
 def _check_launch_abi(meta) -> None:
