@@ -1,43 +1,54 @@
-"""Time pidrt's Triton kernels against unfused torch on SD1.5 shapes (GPU only).
+"""Time pidrt's Triton kernels against unfused torch on SD1.5 shapes (GPU).
 
-    python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100
+    python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h200
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --out /tmp/smoke --smoke   # CPU: the script runs
 
 writes <out>.json and <out>.md. For each case it reports the median time (triton.testing.do_bench)
 of the fused kernel and of the torch versions it replaces, the max abs error against the torch
 reference, and "% of floor": the floor is max(bytes moved / peak bandwidth, flops / peak flop/s)
-for the kernel's unavoidable traffic and useful (unpadded) flops. The peaks are NOMINAL numbers
-given on the command line (defaults: H100 SXM dense fp16 989e12 flop/s, HBM3 3.35e12 B/s), not
-measured ones, so a percentage is a guide to headroom, not a measured utilisation.
+for the kernel's unavoidable traffic and useful (unpadded) flops. The peaks are NOMINAL datasheet
+numbers (dense fp16 989e12 flop/s for H100 and H200 SXM; HBM 3.35e12 B/s H100, 4.8e12 B/s H200,
+picked by the device's name unless given), not measured ones, so a percentage is a guide to
+headroom, not a measured utilisation. --smoke runs tiny shapes on CPU in the Triton interpreter
+(timings meaningless; it checks the script).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
 FEW_TOKEN_CASES = [(320, 4096), (640, 1024), (1280, 256), (1280, 64)]  # (C, N) per UNet level
 DUAL_KV_LEVELS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (N, d)
-DEVICE = "cuda"  # module-level so a CPU smoke run (TRITON_INTERPRET=1) can point it elsewhere
+CROSS_TOKENS = (77, 256)  # EAA cross-attention: the prompt's keys, then s_c aggregated identity tokens
+SMOKE = {"few_token": [(64, 20)], "dual_kv": [(20, 16)], "cross": (7, 12), "heads": 2}
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet (SXM); the first name found wins
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output path stem: writes <out>.json and <out>.md")
     p.add_argument("--peak-flops", type=float, default=989e12, help="nominal peak flop/s (default 989e12)")
-    p.add_argument("--peak-bw", type=float, default=3.35e12, help="nominal peak memory B/s (default 3.35e12)")
+    p.add_argument("--peak-bw", type=float, default=None,
+                   help="nominal peak memory B/s (default by device name: H200 4.8e12, else H100's 3.35e12)")
     p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--tokens", type=int, default=4, help="n, tokens per head of the few-token branch")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (needs TRITON_INTERPRET=1)")
     return p.parse_args(argv)
 
 
-def bench_few_token(args, torch, dtype, do_bench):
+def bench_few_token(args, torch, dtype, timer, device, cases):
     import torch.nn.functional as F
 
     from pidrt.kernels.few_token import few_token_branch
@@ -45,9 +56,9 @@ def bench_few_token(args, torch, dtype, do_bench):
 
     B, H, n, elt = args.batch, args.heads, args.tokens, torch.finfo(dtype).bits // 8
     rows = []
-    for c, tokens in FEW_TOKEN_CASES:
+    for c, tokens in cases:
         d = c // H
-        dev = DEVICE
+        dev = device
         x = torch.randn(B, tokens, c, device=dev, dtype=dtype)
         base = torch.randn(B, tokens, c, device=dev, dtype=dtype)
         w_q = torch.randn(c, c, device=dev, dtype=dtype) / math.sqrt(c)
@@ -72,17 +83,16 @@ def bench_few_token(args, torch, dtype, do_bench):
         nbytes = 3 * B * tokens * c * elt + branch.a.numel() * elt + branch.b.numel() * elt
         flops = 2 * 2 * B * tokens * c * H * n
         floor = max(nbytes / args.peak_bw, flops / args.peak_flops)
-        t = {name: do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
-             for name, fn in (("triton_fused", fused), ("torch_folded", folded), ("torch_unfolded", unfolded))}
-        t["triton_scale0"] = do_bench(lambda: few_token_branch(base, x, branch, 0.0, out=out),
-                                      warmup=args.warmup, rep=args.rep, return_mode="median")
+        t = {name: timer(fn) for name, fn in (("triton_fused", fused), ("torch_folded", folded),
+                                              ("torch_unfolded", unfolded))}
+        t["triton_scale0"] = timer(lambda: few_token_branch(base, x, branch, 0.0, out=out))
         rows.append({"kernel": "few_token", "case": f"C={c} N={tokens} B={B} H={H} n={n}", "ms": t,
                      "bytes": nbytes, "flops": flops, "floor_ms": floor * 1e3,
                      "pct_of_floor": 100 * floor * 1e3 / t["triton_fused"], "max_abs_err": err})
     return rows
 
 
-def bench_dual_kv(args, torch, dtype, do_bench):
+def bench_dual_kv(args, torch, dtype, timer, device, levels, cross):
     import torch.nn.functional as F
 
     from pidrt.kernels.dual_kv import dual_kv_attention
@@ -90,11 +100,11 @@ def bench_dual_kv(args, torch, dtype, do_bench):
 
     B, H, elt = args.batch, args.heads, torch.finfo(dtype).bits // 8
     rows = []
-    for tokens, d in DUAL_KV_LEVELS:
-        for kind, m1, m2 in (("self", tokens, tokens), ("cross", 77, 256)):
-            mk = lambda m: torch.randn(B, H, m, d, device=DEVICE, dtype=dtype)  # noqa: E731
+    for tokens, d in levels:
+        for kind, m1, m2 in (("self", tokens, tokens), ("cross", *cross)):
+            mk = lambda m: torch.randn(B, H, m, d, device=device, dtype=dtype)  # noqa: E731
             q, k1, v1, k2, v2 = mk(tokens), mk(m1), mk(m1), mk(m2), mk(m2)
-            sigma = torch.full((B,), 0.8, device=DEVICE)
+            sigma = torch.full((B,), 0.8, device=device)
             out = torch.empty_like(q)
             fused = lambda: dual_kv_attention(q, k1, v1, k2, v2, sigma, out=out)  # noqa: E731
             two_sdpa = lambda: dual_kv_reference(q, k1, v1, k2, v2, sigma)  # noqa: E731
@@ -103,12 +113,9 @@ def bench_dual_kv(args, torch, dtype, do_bench):
             nbytes = (2 * B * H * tokens * d + 2 * B * H * (m1 + m2) * d) * elt
             flops = 4 * B * H * tokens * d * (m1 + m2)
             floor = max(nbytes / args.peak_bw, flops / args.peak_flops)
-            t = {name: do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
-                 for name, fn in (("triton_fused", fused), ("torch_2x_sdpa", two_sdpa))}
-            t["triton_sigma0"] = do_bench(lambda: dual_kv_attention(q, k1, v1, k2, v2, 0.0, out=out),
-                                          warmup=args.warmup, rep=args.rep, return_mode="median")
-            t["torch_1x_sdpa"] = do_bench(lambda: F.scaled_dot_product_attention(q, k1, v1),
-                                          warmup=args.warmup, rep=args.rep, return_mode="median")
+            t = {name: timer(fn) for name, fn in (("triton_fused", fused), ("torch_2x_sdpa", two_sdpa))}
+            t["triton_sigma0"] = timer(lambda: dual_kv_attention(q, k1, v1, k2, v2, 0.0, out=out))
+            t["torch_1x_sdpa"] = timer(lambda: F.scaled_dot_product_attention(q, k1, v1))
             rows.append({"kernel": f"dual_kv_{kind}", "case": f"N={tokens} d={d} M1={m1} M2={m2} B={B} H={H}",
                          "ms": t, "bytes": nbytes, "flops": flops, "floor_ms": floor * 1e3,
                          "pct_of_floor": 100 * floor * 1e3 / t["triton_fused"], "max_abs_err": err})
@@ -119,7 +126,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# pidrt kernel benchmark: {meta['device']} ({meta['dtype']})",
         "",
-        f"Median ms from triton.testing.do_bench. Floor = max(bytes / {meta['peak_bw']:.3g} B/s, "
+        f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}, {meta['date']}. "
+        f"Median ms ({meta['timing']}). Floor = max(bytes / {meta['peak_bw']:.3g} B/s, "
         f"flops / {meta['peak_flops']:.3g} flop/s); both peaks are NOMINAL (not measured).",
         "",
         "| kernel | case | triton ms | torch ms (versions) | speedup vs best torch | floor ms | % of floor | max abs err |",
@@ -142,25 +150,30 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench_kernels.py needs a CUDA device; none found.", file=sys.stderr)
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        print("bench_kernels.py --smoke runs the kernels on CPU: set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    from triton.testing import do_bench
-
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA device; none found (--smoke checks the script on CPU).", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.smoke:
+        args.heads = SMOKE["heads"]
+    name = common.run_meta(device)["device"]
+    if args.peak_bw is None:
+        args.peak_bw = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), HBM_BYTES_PER_S["H100"])
     torch.manual_seed(0)
-    rows = bench_few_token(args, torch, dtype, do_bench) + bench_dual_kv(args, torch, dtype, do_bench)
-    meta = {"device": torch.cuda.get_device_name(0), "dtype": args.dtype, "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "peak_flops": args.peak_flops,
-            "peak_bw": args.peak_bw, "peaks_are_nominal": True}
-    out = Path(args.out)
-    stem = out.with_suffix("") if out.suffix in (".json", ".md") else out
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    table = markdown(meta, rows)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    timer = lambda fn: common.median_ms(fn, device, args.warmup, args.rep)  # noqa: E731
+    few = SMOKE["few_token"] if args.smoke else FEW_TOKEN_CASES
+    levels, cross = (SMOKE["dual_kv"], SMOKE["cross"]) if args.smoke else (DUAL_KV_LEVELS, CROSS_TOKENS)
+    rows = (bench_few_token(args, torch, dtype, timer, device, few)
+            + bench_dual_kv(args, torch, dtype, timer, device, levels, cross))
+    meta = common.run_meta(device, dtype=args.dtype, batch=args.batch, heads=args.heads, tokens=args.tokens,
+                           peak_flops=args.peak_flops, peak_bw=args.peak_bw, peaks_are_nominal=True,
+                           smoke=args.smoke, timing="triton.testing.do_bench median" if device.type == "cuda"
+                           else "perf_counter median (interpreter: meaningless)")
+    common.write_outputs(args.out, {"meta": meta, "rows": rows}, markdown(meta, rows))
     return 0
 
 

@@ -158,7 +158,8 @@ def run_meta(device: torch.device, **extra) -> dict:
         "triton": triton_version,
         "diffusers": diffusers_version,
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # A checkout copied without .git (the GPU machine's) names its commit in the environment.
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("PIDRT_GIT_COMMIT"),
         "git_dirty": None if status is None else bool(status),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],

@@ -429,30 +429,3 @@ def test_gpu_sd15_step_with_each_sdpa_backend_matches_fp32_reference():
         assert torch.equal(first, replay) and rel < 1e-2, (backend, rel)
         ran[backend] = rel
     assert isinstance(ran["auto"], float) and isinstance(ran["math"], float), ran
-
-
-# ---------------------------------------------------------------- benchmark scripts (no timing here)
-
-def _bench(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_pidrt_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("name", ["bench_unet_step", "bench_generation"])
-def test_benchmarks_have_help_and_refuse_clearly(name, tmp_path, capsys):
-    bench = _bench(name)
-    with pytest.raises(SystemExit) as done:
-        bench.main(["--help"])
-    assert done.value.code == 0 and "--preset" in capsys.readouterr().out
-    assert bench.main(["--out", str(tmp_path / "x"), "--device", "cpu"]) == 2  # sd15 on CPU
-    assert "--preset tiny --device cpu" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert bench.main(["--out", str(tmp_path / "x")]) == 2
-        assert "torch sees none" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
