@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Every GPU check of issue #5 in one run, sized to fit a short device lease: the stages' limits add
+# up to 540 s, inside one device command (600 s), leaving room for the machine's start.
+#
+#   bash benchmarks/gpu_session.sh --fetch-wheels   # here, with pip access: diffusers into .whl/
+#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh   # on the GPU machine, repo root
+#
+# The GPU machine has torch, Triton, numpy, transformers, safetensors but no diffusers and no
+# package registry, so diffusers (pure Python; the only missing import on Python 3.12) travels
+# as a wheel in .whl/ and pidrt runs from the checkout (PYTHONPATH). Stages run in order, each
+# under its own time limit, and a stage that fails or times out does not stop the next one: one
+# lease should bring back everything that worked. Results go to $OUT (default ./gpu-session):
+#   session.log   everything printed, the environment, each stage's exit status and seconds
+#   pytest.xml    the GPU tests (pytest -m gpu), JUnit XML
+#   kernels.*     benchmarks/bench_kernels.py      (json + md)
+#   unet_step.*   benchmarks/bench_unet_step.py    (json + md)
+#   generation.*  benchmarks/bench_generation.py   (json + md)
+# Eight files: the device tool brings back at most eight. The checkout travels without .git, so
+# the results name the commit from PIDRT_GIT_COMMIT (benchmarks/common.py).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DIFFUSERS=diffusers==0.42.1  # the version the CPU machines test against (environment-facts.md)
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl "$DIFFUSERS" || exit 1
+    ls -l .whl
+    exit 0
+fi
+
+OUT=${OUT:-$PWD/gpu-session}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing the carried wheels failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+
+declare -a SUMMARY
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+    timeout -k 10 "$limit" "$@"
+    rc=$?
+    [[ $rc == 124 || $rc == 137 ]] && echo "=== $name TIMED OUT after ${limit}s"
+    SUMMARY+=("$name rc=$rc $((SECONDS - start))s")
+    echo "=== $name rc=$rc in $((SECONDS - start))s"
+}
+
+stage env 30 bash -c 'nvidia-smi; python3 -c "
+import torch, triton, diffusers, transformers
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__,
+      \"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__)
+print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"; echo "commit ${PIDRT_GIT_COMMIT:-unknown}"'
+stage pytest-gpu 150 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
+    tests/kernels tests/engines/test_fast_torch.py tests/identity/test_device_cache.py
+stage kernels 60 python3 benchmarks/bench_kernels.py --out "$OUT/kernels"
+stage unet-step 120 python3 benchmarks/bench_unet_step.py --out "$OUT/unet_step"
+stage generation 180 python3 benchmarks/bench_generation.py --out "$OUT/generation"
+
+echo "=== summary"
+printf '%s\n' "${SUMMARY[@]}"
