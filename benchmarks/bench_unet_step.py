@@ -39,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=100, help="do_bench warmup, ms")
     p.add_argument("--rep", type=float, default=500, help="do_bench repetition time, ms")
     p.add_argument("--cases", default="base,sca,ip,eaa")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the fast backend's step per case (torch.profiler, top kernels by "
+                        "self device time): where the time goes, to pick what to fuse next")
+    p.add_argument("--profile-top", type=int, default=15)
     return p.parse_args(argv)
 
 
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
         one = common.cfg_payloads(conds[case], device, dtype)
         return {n: type(p)(p.query, _repeat(p.branch, b // 2)) for n, p in one.items()}
 
-    results, flops = {}, {}
+    results, flops, profiles = {}, {}, {}
     for case in cases:
         layers_payload = payloads(case)
         outs = {}
@@ -100,6 +104,8 @@ def main(argv=None) -> int:
             results.setdefault(case, {})[name] = common.median_ms(step, device, args.warmup, args.rep)
             if name == "reference":
                 flops[case] = common.count_flops(step)
+            elif args.profile:
+                profiles[case] = _profile(step, device, args.profile_top)
             pipe.state.clear()
         diff = outs["fast"] - outs["reference"]
         results[case]["rel_l2_err"] = float(diff.norm() / outs["reference"].norm().clamp_min(1e-12))
@@ -143,9 +149,39 @@ def main(argv=None) -> int:
         f"SDPA backend chosen by the fast backend: {_sdpa(report)}.",
         f"CUDA graphs: {report['graphs']}.",
         "",
+        *(_profile_md(case, top) for case, top in profiles.items()),
     ])
-    common.write_outputs(args.out, {"meta": meta, "rows": rows, "fast_backend": report}, md)
+    common.write_outputs(args.out, {"meta": meta, "rows": rows, "fast_backend": report, "profiles": profiles}, md)
     return 0
+
+
+def _profile(step, device, top: int, steps: int = 5) -> list[dict]:
+    """The kernels of `steps` calls with the largest device time (on CPU: host ops by self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        common.sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    if cuda:  # the kernels themselves: an op's device time is its kernels' again
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
+    events = sorted(events, key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [{"name": e.key, "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps,
+             "share": getattr(e, key) / total} for e in events[:top] if getattr(e, key) > 0]
+
+
+def _profile_md(case: str, top: list[dict]) -> str:
+    rows = [[e["name"][:90], e["calls_per_step"], e["ms_per_step"], f"{100 * e['share']:.1f}%"] for e in top]
+    return (f"Profile, fast backend, {case}: time per step of the top GPU kernels (on CPU: host ops), "
+            "share of the profiled total:\n\n"
+            + common.md_table(["op / kernel", "calls/step", "ms/step", "share"], rows) + "\n")
 
 
 def _repeat(branch, n: int):

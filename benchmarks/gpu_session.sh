@@ -61,7 +61,7 @@ print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"; echo
 stage pytest-gpu 150 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
     tests/kernels tests/engines/test_fast_torch.py tests/identity/test_device_cache.py
 stage kernels 60 python3 benchmarks/bench_kernels.py --out "$OUT/kernels"
-stage unet-step 120 python3 benchmarks/bench_unet_step.py --out "$OUT/unet_step"
+stage unet-step 120 python3 benchmarks/bench_unet_step.py --out "$OUT/unet_step" --profile
 stage generation 180 python3 benchmarks/bench_generation.py --out "$OUT/generation"
 
 echo "=== summary"

@@ -10,9 +10,10 @@ The launch plans (argument order, strides as shape expressions, grid) are the ke
 ``plugin_launch`` functions, tested on CPU through Triton's interpreter; what is left here is
 the translation to TensorRT's types. TensorRT cannot be installed where this was written, so
 this module has never run: tests skip it with that reason (docs/engines.md).
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: ``tensorrt.plugin`` validates the decorated
+functions' annotations with ``inspect.signature`` and ``issubclass``, so they must be real types.
+"""
 
 import hashlib
 from pathlib import Path
@@ -48,7 +49,12 @@ def _current_arch() -> int:
 
 def _aot_result(trtp, launch):
     """(kernel name, PTX, launch params, extra args) as ``aot_impl`` returns them."""
-    compiled = launch.compile(_current_arch())
+    from pidrt.kernels.aot import driver_ptx_version
+
+    # Triton emits the ISA of the ptxas it bundles, which can be newer than the driver that
+    # JIT-compiles the engine's PTX; that fails only when the engine runs
+    # (CUDA_ERROR_UNSUPPORTED_PTX_VERSION), so hold the ISA to the driver's.
+    compiled = launch.compile(_current_arch(), max_ptx_version=driver_ptx_version())
     params = trtp.KernelLaunchParams()
     grid = list(launch.grid) + [1] * (3 - len(launch.grid))
     params.grid_x, params.grid_y, params.grid_z = grid
@@ -56,6 +62,7 @@ def _aot_result(trtp, launch):
     params.shared_mem = compiled.shared_bytes
     extra = trtp.SymIntExprs(len(launch.scalars))
     for i, value in enumerate(launch.scalars.values()):
+        # SymIntExprs stores a bare int as an untyped SymIntExpr, which TensorRT then rejects.
         extra[i] = trtp.SymInt32(value)
     return compiled.name.encode(), compiled.ptx.encode(), params, extra
 
@@ -66,6 +73,9 @@ def register() -> None:
         return
     trt = require("tensorrt", "trt")
     trtp = require("tensorrt.plugin", "trt")
+    if not hasattr(trtp, "aot_impl"):
+        raise PidrtError(f"plugin graphs need TensorRT >= 10.10 (ahead-of-time plugins); this is {trt.__version__}. "
+                         "Export without --trt-plugins for this TensorRT.")
     require("triton", "kernels")
     import torch
 
@@ -79,6 +89,8 @@ def register() -> None:
         raise PidrtError(f"pidrt plugins take float16 or float32 tensors, got {desc.dtype}")
 
     same_types = lambda n: trtp.AutoTuneCombination(", ".join(["FP32|FP16"] * n))
+    # TensorRT refuses an aot_impl without this return annotation.
+    aot_result = tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
 
     @trtp.register("pidrt::few_token")
     def _few_token_desc(base: trtp.TensorDesc, x: trtp.TensorDesc, a: trtp.TensorDesc, b: trtp.TensorDesc,
@@ -90,7 +102,7 @@ def register() -> None:
         return [same_types(7)]
 
     @trtp.aot_impl("pidrt::few_token")
-    def _few_token_aot(base, x, a, b, bias, scale, n_tokens: int, outputs, tactic):
+    def _few_token_aot(base, x, a, b, bias, scale, n_tokens: int, outputs, tactic) -> aot_result:
         hn = _constant(a.shape_expr[2], "few_token: a's last dim (heads * n_tokens)")
         if hn % n_tokens:
             raise PidrtError(f"few_token: a's last dim {hn} is not heads * n_tokens (n_tokens={n_tokens})")
@@ -110,7 +122,7 @@ def register() -> None:
         return [same_types(7)]
 
     @trtp.aot_impl("pidrt::dual_kv")
-    def _dual_kv_aot(q, k, v, k2, v2, sigma, heads: int, outputs, tactic):
+    def _dual_kv_aot(q, k, v, k2, v2, sigma, heads: int, outputs, tactic) -> aot_result:
         channels = _constant(q.shape_expr[2], "dual_kv: channels")
         if channels % heads:
             raise PidrtError(f"dual_kv: {channels} channels do not split into {heads} heads")

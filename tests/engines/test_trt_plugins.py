@@ -22,72 +22,203 @@ HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 pytest.importorskip("triton")
 
 STAND_IN = r'''
-import json, sys, types
+import inspect, json, re, sys, types, typing
 
-class Expr:
-    """Stand-in ShapeExpr: an int when constant, else a string of the expression."""
+# Modelled on tensorrt.plugin's Python sources (NVIDIA/TensorRT python/packaging/bindings_wheel/
+# tensorrt/plugin: _tensor.py, _validate.py, _plugin_class.py), down to what it rejects.
+
+class SymIntExpr:
+    # An int when constant, else the expression as a string. Like TensorRT's, it has no reflected
+    # operators: int * expr raises TypeError, and an op on a plain SymInt32 gives an untyped SymIntExpr.
     def __init__(self, v):
-        self.v = v
+        self.v = v.v if isinstance(v, SymIntExpr) else v
+        if not isinstance(self.v, (int, str)):
+            raise TypeError(f"not a symbolic int: {v!r}")
+    def _op(self, op, other):
+        o = other.v if isinstance(other, SymIntExpr) else other
+        if not isinstance(o, (int, str)):
+            raise TypeError(f"unsupported operand {other!r}")
+        both = isinstance(self.v, int) and isinstance(o, int)
+        value = {"*": lambda: self.v * o, "cdiv": lambda: -(-self.v // o)}[op]() if both else (
+            f"({self.v}*{o})" if op == "*" else f"cdiv({self.v},{o})")
+        return SymIntExpr(value)
+    def __mul__(self, other):
+        return self._op("*", other)
+
+class SymInt32(SymIntExpr):
+    pass
+
+class ShapeExpr(SymInt32):
+    def _op(self, op, other):
+        return ShapeExpr(super()._op(op, other))
     @property
     def is_constant(self):
         return isinstance(self.v, int)
     def constant_value(self):
+        if not self.is_constant:
+            raise RuntimeError("not a constant")
         return self.v
-    def __mul__(self, k):
-        k = k.v if isinstance(k, Expr) else k
-        return Expr(self.v * k if self.is_constant and isinstance(k, int) else f"({self.v}*{k})")
-    __rmul__ = __mul__
+
+def cdiv(first, second):
+    if isinstance(first, int):
+        if isinstance(second, int):
+            raise ValueError("Both arguments cannot be 'int's")
+        first = ShapeExpr(first)
+    return first._op("cdiv", second)
 
 class TensorDesc:
     def __init__(self, shape, dtype="HALF"):
-        self.shape_expr = [Expr(s) for s in shape]
+        self.shape_expr = [ShapeExpr(s) for s in shape]
         self.dtype = dtype
     def like(self):
-        return self
+        return TensorDesc([e.v for e in self.shape_expr], self.dtype)
 
-registry = {}
-def decorator(kind):
-    return lambda plugin_id: (lambda fn: registry.setdefault((kind, plugin_id), fn))
+class KernelLaunchParams:
+    FIELDS = ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_mem")
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, 0 if name == "shared_mem" else 1)
+    def __setattr__(self, name, value):
+        if name not in self.FIELDS:
+            raise AttributeError(f"KernelLaunchParams object has no attribute '{name}'")
+        self.__dict__[name] = SymInt32(value)  # ints and expressions alike
 
-class SymIntExprs(list):
-    def __init__(self, n):
-        super().__init__([None] * n)
+class SymExprs:
+    def __init__(self, length):
+        self.exprs = [None] * length
+    def __setitem__(self, i, value):
+        if i >= len(self.exprs):
+            raise IndexError("Index out of range")
+        if not isinstance(value, SymIntExpr):
+            if not isinstance(value, int):
+                raise ValueError(f"Value should be int or SymIntExpr. Got '{type(value)}'")
+            value = SymIntExpr(value)  # untyped: the launch below refuses it
+        self.exprs[i] = value
+    def __iter__(self):
+        return iter(self.exprs)
+    def __len__(self):
+        return len(self.exprs)
+
+class SymIntExprs(SymExprs):
+    pass
+
+class AutoTuneCombination:
+    def __init__(self, io_types, layouts="LINEAR"):
+        self.io_types = [t.strip() for t in io_types.split(",")]
+        self.layouts = [f.strip() for f in layouts.split(",")]
+
+plugins = {}
+
+def register(plugin_id):
+    def decorator(fn):
+        if plugin_id in plugins:
+            raise ValueError(f"already has a defintion for '{plugin_id}'")
+        sig = inspect.signature(fn)
+        tensors, attrs = [], {}
+        for name, p in sig.parameters.items():
+            if p.annotation is p.empty:
+                raise ValueError(f"Argument {name} does not have a type annotation")
+            if issubclass(p.annotation, TensorDesc):  # a string annotation raises TypeError, as in TensorRT
+                if attrs:
+                    raise ValueError("TensorDescs args and attribute args cannot be interspersed")
+                tensors.append(name)
+            elif p.annotation in (int, float, bytes, bool, str) and name not in ("outputs", "stream", "tactic"):
+                attrs[name] = p.annotation
+            else:
+                raise ValueError(f"Attribute '{name}' of type {p.annotation} is not supported")
+        ret = sig.return_annotation
+        if not (inspect.isclass(ret) and issubclass(ret, TensorDesc)):
+            raise ValueError(f"Return argument is of type {ret}")
+        plugins[plugin_id] = {"register": fn, "tensors": tensors, "attrs": attrs}
+        return fn
+    return decorator
+
+def _attr_names(fn, plugin, tail):
+    sig = inspect.signature(fn)
+    names = []
+    for name, p in sig.parameters.items():
+        if p.annotation is not p.empty and name != "outputs":
+            if name == "tactic":
+                if not issubclass(p.annotation, int):
+                    raise ValueError("'tactic' input argument should be an int")
+            elif not issubclass(p.annotation, TensorDesc):
+                if plugin["attrs"].get(name) is not p.annotation:
+                    raise ValueError(f"Attribute '{name}' has a type annotation different from registration")
+        if name in plugin["attrs"]:
+            names.append(name)
+    expected = [*plugin["tensors"], *[n for n in plugin["attrs"] if n in names], *tail]
+    if list(sig.parameters) != expected:
+        raise ValueError(f"signature {list(sig.parameters)} does not match the schema {expected}")
+    return names
+
+def autotune(plugin_id):
+    def decorator(fn):
+        plugin = plugins[plugin_id]
+        plugin["autotune"], plugin["autotune_attrs"] = fn, _attr_names(fn, plugin, ["outputs"])
+        return fn
+    return decorator
+
+def aot_impl(plugin_id):
+    def decorator(fn):
+        plugin = plugins[plugin_id]
+        _attr_names(fn, plugin, ["outputs", "tactic"])
+        ret = inspect.signature(fn).return_annotation
+        if ret is inspect.Parameter.empty:
+            raise ValueError("No return annotation found for aot_impl function")
+        args = typing.get_args(ret)
+        text = lambda a: all(t in (str, bytes) for t in (typing.get_args(a) or (a,)))
+        if typing.get_origin(ret) is not tuple or len(args) != 4 or not (text(args[0]) and text(args[1])) \
+                or not issubclass(args[2], KernelLaunchParams) or not issubclass(args[3], SymExprs):
+            raise ValueError(f"Return annotation is {ret}")
+        plugin["aot"] = fn
+        return fn
+    return decorator
+
+def build(plugin_id, inputs, attrs):
+    # What TensorRT does with one node: output descs, type/format combinations, then the AOT kernel.
+    plugin = plugins[plugin_id]
+    outputs = (plugin["register"](*inputs, **attrs),)
+    combos = plugin["autotune"](*inputs, *[attrs[n] for n in plugin["autotune_attrs"]], outputs)
+    assert all(len(c.io_types) == len(inputs) + len(outputs) for c in combos)
+    # get_launch_params passes every attribute, whatever the aot_impl declared.
+    name, ptx, params, extra = plugin["aot"](*inputs, *attrs.values(), outputs, 0)
+    if not (isinstance(name, (str, bytes)) and isinstance(ptx, (str, bytes))):
+        raise TypeError("Kernel name and PTX must be 'str' or 'bytes'")
+    if not isinstance(params, KernelLaunchParams) or not isinstance(extra, SymExprs):
+        raise TypeError("expected KernelLaunchParams and SymIntExprs")
+    if not all(isinstance(e, SymInt32) for e in extra):
+        raise TypeError("Extra args must be a 'tensorrt.plugin.SymInt32'")
+    name, ptx = (s.decode() if isinstance(s, bytes) else s for s in (name, ptx))
+    return {"types": [", ".join(c.io_types) for c in combos], "name": name,
+            "ptx_entry": f".entry {name}" in ptx, "ptx_isa": re.search(r"^\.version (\S+)$", ptx, re.M).group(1),
+            "grid": [params.grid_x.v, params.grid_y.v, params.grid_z.v], "block": params.block_x.v,
+            "shared": params.shared_mem.v, "extra": [e.v for e in extra]}
 
 trt = types.ModuleType("tensorrt")
 trt.float16, trt.float32 = "HALF", "FLOAT"
 trtp = types.ModuleType("tensorrt.plugin")
-trtp.register, trtp.autotune, trtp.aot_impl = decorator("register"), decorator("autotune"), decorator("aot")
-trtp.TensorDesc = TensorDesc
-trtp.cdiv = lambda a, b: Expr(f"cdiv({a.v},{b})")
-trtp.KernelLaunchParams = type("KernelLaunchParams", (), {})
-trtp.SymIntExprs = SymIntExprs
-trtp.SymInt32 = lambda v: v
-trtp.AutoTuneCombination = lambda s: s
+for obj in (register, autotune, aot_impl, cdiv, TensorDesc, KernelLaunchParams, SymExprs, SymIntExprs, SymInt32,
+            ShapeExpr, AutoTuneCombination):
+    setattr(trtp, obj.__name__, obj)
 trt.plugin = trtp
 sys.modules.update({"tensorrt": trt, "tensorrt.plugin": trtp})
 
 from pidrt.engines import trt_plugins
+from pidrt.kernels import aot
 trt_plugins._current_arch = lambda: 90
+aot.driver_ptx_version = lambda: 84  # a CUDA 12.4 driver: older than Triton's ptxas
 trt_plugins.register()
-trt_plugins.register()  # idempotent
-
-def show(result):
-    name, ptx, params, extra = result
-    v = lambda x: x.v if isinstance(x, Expr) else x
-    return {"name": name.decode(), "ptx_entry": f".entry {name.decode()}" in ptx.decode(),
-            "grid": [v(params.grid_x), v(params.grid_y), v(params.grid_z)], "block": params.block_x,
-            "shared": params.shared_mem, "extra": [v(e) for e in extra]}
+trt_plugins.register()  # idempotent (TensorRT refuses a second definition)
 
 d = lambda *s: TensorDesc(s)
-out = {"registered": sorted(f"{k}:{p}" for k, p in registry),
-       "types": registry[("autotune", "pidrt::few_token")](*[None] * 8),
-       "few_token": show(registry[("aot", "pidrt::few_token")](
-           d("B", "N", 320), d("B", "N", 320), d("B", 320, 32), d("B", 32, 320), d("B", 320), d("B"), 4, None, 0)),
-       "dual_kv": show(registry[("aot", "pidrt::dual_kv")](
-           d("B", "N", 640), d("B", 77, 640), d("B", 77, 640), d("B", "M", 640), d("B", "M", 640), d("B"), 8, None, 0))}
+out = {"registered": sorted(plugins),
+       "few_token": build("pidrt::few_token", [d("B", "N", 320), d("B", "N", 320), d("B", 320, 32),
+                                               d("B", 32, 320), d("B", 320), d("B")], {"n_tokens": 4}),
+       "dual_kv": build("pidrt::dual_kv", [d("B", "N", 640), d("B", 77, 640), d("B", 77, 640), d("B", "M", 640),
+                                           d("B", "M", 640), d("B")], {"heads": 8})}
 try:
-    registry[("aot", "pidrt::few_token")](d("B", "N", 320), d("B", "N", "C"), d("B", 320, 32), d("B", 32, 320),
-                                          d("B", 320), d("B"), 4, None, 0)
+    build("pidrt::few_token", [d("B", "N", 320), d("B", "N", "C"), d("B", 320, 32), d("B", 32, 320), d("B", 320),
+                               d("B")], {"n_tokens": 4})
 except Exception as exc:
     out["dynamic_channels"] = str(exc)
 json.dump(out, sys.stdout)
@@ -101,11 +232,11 @@ def test_aot_impls_translate_the_launch_plans():
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout)
-    assert r["registered"] == sorted(f"{k}:pidrt::{op}" for k in ("aot", "autotune", "register")
-                                     for op in ("few_token", "dual_kv"))
-    assert r["types"] == [", ".join(["FP32|FP16"] * 7)]  # six inputs and the output, all one type
+    assert r["registered"] == ["pidrt::dual_kv", "pidrt::few_token"]
 
     few = r["few_token"]
+    assert few["types"] == [", ".join(["FP32|FP16"] * 7)]  # six inputs and the output, all one type
+    assert few["ptx_isa"] == r["dual_kv"]["ptx_isa"] == "8.4"  # held to the driver's PTX ISA
     assert few["name"] == "_few_token_kernel" and few["ptx_entry"] and few["block"] == 256
     assert few["grid"] == ["cdiv(N,64)", 2, "B"]  # 5 column chunks of 64, 4 per program
     # N, C_in, C_out, n_tok, H, chunks_per_prog, then the contiguous strides the plan derives.
