@@ -61,12 +61,15 @@ def test_bench_unet_step_smoke(tmp_path):
     out = tmp_path / "step"
     assert _bench("bench_unet_step").main(["--out", str(out), "--preset", "tiny", "--device", "cpu",
                                            "--no-kernels", "--cases", "base,sca,eaa",
-                                           "--warmup", "1", "--rep", "5"]) == 0
-    rows = {r["case"]: r for r in _outputs(out)["rows"]}
+                                           "--warmup", "1", "--rep", "5", "--profile"]) == 0
+    result = _outputs(out)
+    rows = {r["case"]: r for r in result["rows"]}
     assert set(rows) == {"base", "sca", "eaa"}
     for r in rows.values():  # fp32 on CPU: the fast backend computes what the reference does
         assert r["fast_output_finite"] and r["rel_l2_err_fast_vs_reference"] < 1e-4
     assert rows["sca"]["target_ratio"] == 1.03 and rows["eaa"]["target_ratio"] == 1.30
+    assert set(result["profiles"]) == set(rows) and all(result["profiles"][c] for c in rows)
+    assert "Profile, fast backend, eaa" in out.with_suffix(".md").read_text()
 
 
 def test_bench_generation_smoke(tmp_path):
