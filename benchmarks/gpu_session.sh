@@ -9,14 +9,13 @@
 # package registry, so diffusers (pure Python; the only missing import on Python 3.12) travels
 # as a wheel in .whl/ and pidrt runs from the checkout (PYTHONPATH). Stages run in order, each
 # under its own time limit, and a stage that fails or times out does not stop the next one: one
-# lease should bring back everything that worked. Results go to $OUT (default ./gpu-session):
-#   session.log   everything printed, the environment, each stage's exit status and seconds
-#   pytest.xml    the GPU tests (pytest -m gpu), JUnit XML
-#   kernels.*     benchmarks/bench_kernels.py      (json + md)
-#   unet_step.*   benchmarks/bench_unet_step.py    (json + md)
-#   generation.*  benchmarks/bench_generation.py   (json + md)
-# Eight files: the device tool brings back at most eight. The checkout travels without .git, so
-# the results name the commit from PIDRT_GIT_COMMIT (benchmarks/common.py).
+# lease should bring back everything that worked. $OUT (default ./gpu-session) gets
+#   session.log      everything printed, the environment, each stage's exit status and seconds
+#   results.tar.gz   every stage's files (JUnit XML of the GPU tests, each benchmark's json + md),
+#                    re-packed after each stage so a run cut short still brings back what it did
+#   *.md             the benchmarks' tables, to read without unpacking
+# (the device tool brings back at most eight files). The checkout travels without .git, so the
+# results name the commit from PIDRT_GIT_COMMIT (benchmarks/common.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +29,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
 fi
 
 OUT=${OUT:-$PWD/gpu-session}
+RES=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -51,18 +51,23 @@ stage() {  # stage NAME SECONDS COMMAND...
     [[ $rc == 124 || $rc == 137 ]] && echo "=== $name TIMED OUT after ${limit}s"
     SUMMARY+=("$name rc=$rc $((SECONDS - start))s")
     echo "=== $name rc=$rc in $((SECONDS - start))s"
+    tar -czf "$OUT/results.tar.gz" -C "$RES" . && cp "$RES"/*.md "$OUT"/ 2>/dev/null
+    return 0
 }
 
-stage env 30 bash -c 'nvidia-smi; python3 -c "
+stage env 20 bash -c 'nvidia-smi; python3 -c "
 import torch, triton, diffusers, transformers
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__,
       \"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__)
 print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"; echo "commit ${PIDRT_GIT_COMMIT:-unknown}"'
-stage pytest-gpu 150 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
+stage pytest-gpu 140 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu.xml" \
     tests/kernels tests/engines/test_fast_torch.py tests/identity/test_device_cache.py
-stage kernels 60 python3 benchmarks/bench_kernels.py --out "$OUT/kernels"
-stage unet-step 120 python3 benchmarks/bench_unet_step.py --out "$OUT/unet_step" --profile
-stage generation 180 python3 benchmarks/bench_generation.py --out "$OUT/generation"
+stage kernels 50 python3 benchmarks/bench_kernels.py --out "$RES/kernels"
+stage unet-step 110 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step" --profile
+# channels_last is the fast backend's default, unmeasured: GroupNorm may convert it back per call.
+stage unet-step-nchw 70 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step_nchw" --no-channels-last \
+    --cases base,eaa
+stage generation 150 python3 benchmarks/bench_generation.py --out "$RES/generation"
 
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"
