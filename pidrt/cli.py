@@ -121,7 +121,7 @@ def cmd_kernels(a: argparse.Namespace) -> int:
     for variant in variants(get_preset(a.preset)):
         for dtype in a.dtype:
             print(f"compiling {variant.label} {dtype} for sm_{a.arch}", file=sys.stderr)
-            rows.append(compile_variant(variant, a.arch, getattr(torch, dtype), a.out))
+            rows.append(compile_variant(variant, a.arch, getattr(torch, dtype), a.out, a.max_ptx_version))
     table = markdown(rows, f"Triton kernel resources, {a.preset} preset, sm_{a.arch} (ptxas, compiled without a GPU)")
     if a.out is not None:
         atomic_write(a.out / "report.json", json.dumps([r.to_json() for r in rows], indent=2).encode())
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"], default=["float16"])
     p.add_argument("--out", type=Path, help="folder for the PTX files and report.json / report.md")
     p.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any variant spills registers")
+    p.add_argument("--max-ptx-version", type=int, default=None,
+                   help="cap the PTX ISA, e.g. 90 for a CUDA 13.0 driver (default: the bundled ptxas's)")
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("serve", help="the HTTP service (docs/serving.md)")

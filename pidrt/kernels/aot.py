@@ -25,6 +25,8 @@ from pidrt.errors import PidrtError
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 INT32_MAX = 2**31 - 1
+# The first PTX ISA of each target Triton compiles for (its "a" variants from Hopper on).
+OLDEST_PTX = {80: 70, 86: 71, 89: 78, 90: 80, 100: 86, 120: 87}
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,12 @@ class Launch:
             raise PidrtError(f"unsupported dtype {self.dtype}")
         if self.dtype == torch.bfloat16 and arch < 80:
             raise PidrtError(f"bfloat16 kernels need sm_80 or newer, not sm_{arch}")
+        oldest = next((v for a, v in sorted(OLDEST_PTX.items(), reverse=True) if arch >= a), 0)
+        if max_ptx_version is not None and max_ptx_version < oldest:
+            # Checked here: below the target's first ISA, LLVM aborts the whole process.
+            raise PidrtError(f"sm_{arch} needs PTX ISA {oldest // 10}.{oldest % 10} or newer (Triton targets "
+                             f"sm_{arch}{'a' if arch >= 90 else ''}); the cap {max_ptx_version // 10}."
+                             f"{max_ptx_version % 10} is older")
         from triton import compile as triton_compile
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource

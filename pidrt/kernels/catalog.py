@@ -52,6 +52,7 @@ class Resources:
     spill_store_bytes: int
     spill_load_bytes: int
     ptx_bytes: int
+    ptx_isa: str  # the PTX's .version: what a driver loading it must support
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -90,25 +91,28 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
             "spill_load_bytes": int(spills.group(2))}
 
 
-def compile_variant(variant: Variant, arch: int, dtype: torch.dtype, out_dir: Path | None = None) -> Resources:
+def compile_variant(variant: Variant, arch: int, dtype: torch.dtype, out_dir: Path | None = None,
+                    max_ptx_version: int | None = None) -> Resources:
     from pidrt.kernels.aot import TRITON_TYPES
 
-    compiled = variant.launch(dtype).compile(arch)
+    compiled = variant.launch(dtype).compile(arch, max_ptx_version=max_ptx_version)
     usage = ptxas_report(compiled.ptx, arch)
     if out_dir is not None:
         from pidrt.fileio import atomic_write
 
         name = f"{variant.label.replace(' ', '_').replace('=', '')}.sm{arch}.{TRITON_TYPES[dtype]}.ptx"
         atomic_write(Path(out_dir) / name, compiled.ptx.encode())
+    isa = re.search(r"^\.version (\S+)$", compiled.ptx, re.MULTILINE)
     return Resources(variant.label, arch, TRITON_TYPES[dtype], compiled.num_warps, compiled.shared_bytes,
-                     ptx_bytes=len(compiled.ptx), **usage)
+                     ptx_bytes=len(compiled.ptx), ptx_isa=isa.group(1) if isa else "?", **usage)
 
 
 def markdown(rows: list[Resources], title: str) -> str:
     lines = [f"# {title}", "",
-             "| kernel variant | arch | dtype | warps | registers/thread | spill stores (B) | spill loads (B) | shared (B) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| kernel variant | arch | dtype | warps | registers/thread | spill stores (B) | spill loads (B) "
+             "| shared (B) | PTX ISA |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.variant} | sm_{r.arch} | {r.dtype} | {r.num_warps} | {r.registers} | "
-                     f"{r.spill_store_bytes} | {r.spill_load_bytes} | {r.shared_bytes} |")
+                     f"{r.spill_store_bytes} | {r.spill_load_bytes} | {r.shared_bytes} | {r.ptx_isa} |")
     return "\n".join(lines) + "\n"

@@ -114,6 +114,12 @@ def test_plan_scalars_are_expressions_of_symbolic_dims():
     assert plan.scalars["D"] == 40 and plan.scalars["sqn"] == 320
 
 
+def test_a_ptx_cap_older_than_the_target_is_refused_before_llvm_aborts():
+    plan = few_token.plugin_launch(2, 64, 32, 32, 8, 4, torch.float16)
+    with pytest.raises(PidrtError, match=r"sm_90 needs PTX ISA 8.0 or newer .* the cap 7.8 is older"):
+        plan.compile(90, max_ptx_version=78)
+
+
 def test_compile_needs_a_non_interpreter_process():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("kernels are compiled functions in this process")
