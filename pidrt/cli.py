@@ -150,6 +150,13 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     from pidrt.kernels import available
 
     report["kernels"] = available()[1]
+    if importlib.util.find_spec("triton") is not None:
+        from pidrt.kernels.aot import driver_ptx_version, toolchain_ptx_version
+
+        # TensorRT plugin engines load PTX through the driver: it must take what Triton writes.
+        isa = lambda v: None if v is None else f"{v // 10}.{v % 10}"  # noqa: E731
+        report["ptx_isa"] = {"triton_writes": isa(toolchain_ptx_version(90)),
+                             "cuda_driver_takes": isa(driver_ptx_version()) or "no CUDA driver"}
     report["backends"] = doctor_report()
     print(json.dumps(report, indent=2))
     return 0

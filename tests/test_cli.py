@@ -52,6 +52,8 @@ def test_doctor(capsys):
     assert main(["doctor"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "torch" in report and "kernels" in report
+    if "ptx_isa" in report:  # with triton: the ISA it writes, and what the driver (if any) loads
+        assert report["ptx_isa"]["triton_writes"].count(".") == 1 and report["ptx_isa"]["cuda_driver_takes"]
 
 
 def test_export_verify_build(tmp_path, capsys):

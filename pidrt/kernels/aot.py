@@ -126,7 +126,7 @@ class Launch:
         # AOT code does not change when Triton flips its default.
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
         if max_ptx_version is not None:
-            options["ptx_version"] = min(max_ptx_version, _toolchain_ptx_version(arch))
+            options["ptx_version"] = min(max_ptx_version, toolchain_ptx_version(arch))
         compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         meta = compiled.metadata
         _check_launch_abi(meta)
@@ -169,7 +169,8 @@ def driver_ptx_version() -> int | None:
     return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
 
 
-def _toolchain_ptx_version(arch: int) -> int:
+def toolchain_ptx_version(arch: int) -> int:
+    """The PTX ISA Triton writes for sm_<arch> by default: its bundled ptxas's (e.g. 94 for CUDA 13.4)."""
     from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
 
     return ptx_get_version(get_ptxas(arch).version)
