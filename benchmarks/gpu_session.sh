@@ -59,7 +59,8 @@ stage env 20 bash -c 'nvidia-smi; python3 -c "
 import torch, triton, diffusers, transformers
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__,
       \"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__)
-print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"; echo "commit ${PIDRT_GIT_COMMIT:-unknown}"'
+print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"; python3 -m pidrt.cli doctor
+echo "commit ${PIDRT_GIT_COMMIT:-unknown}"'
 stage pytest-gpu 140 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu.xml" \
     tests/kernels tests/engines/test_fast_torch.py tests/identity/test_device_cache.py
 stage kernels 50 python3 benchmarks/bench_kernels.py --out "$RES/kernels"
