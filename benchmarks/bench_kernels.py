@@ -29,6 +29,9 @@ FEW_TOKEN_CASES = [(320, 4096), (640, 1024), (1280, 256), (1280, 64)]  # (C, N) 
 DUAL_KV_LEVELS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (N, d)
 CROSS_TOKENS = (77, 256)  # EAA cross-attention: the prompt's keys, then s_c aggregated identity tokens
 SMOKE = {"few_token": [(64, 20)], "dual_kv": [(20, 16)], "cross": (7, 12), "heads": 2}
+# --sweep: tiles timed besides the defaults (warps stay the defaults: 8, dual-KV head dim 160: 4).
+FEW_TOKEN_SWEEP = [(32, 64), (64, 64), (128, 64), (64, 128)]  # (block_n, block_c)
+DUAL_KV_SWEEP = [(128, 64), (64, 64), (64, 32), (32, 32), (32, 16)]  # (block_m, block_n)
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet (SXM); the first name found wins
 
 
@@ -45,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (needs TRITON_INTERPRET=1)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time other tile sizes (few-token cases, dual-KV self-attention cases): which "
+                        "default to change, by measurement")
     return p.parse_args(argv)
 
 
@@ -86,9 +92,12 @@ def bench_few_token(args, torch, dtype, timer, device, cases):
         t = {name: timer(fn) for name, fn in (("triton_fused", fused), ("torch_folded", folded),
                                               ("torch_unfolded", unfolded))}
         t["triton_scale0"] = timer(lambda: few_token_branch(base, x, branch, 0.0, out=out))
+        sweep = {f"block_n={bn} block_c={bc}": timer(lambda bn=bn, bc=bc: few_token_branch(
+                     base, x, branch, scale, out=out, block_n=bn, block_c=bc))
+                 for bn, bc in FEW_TOKEN_SWEEP} if args.sweep else None
         rows.append({"kernel": "few_token", "case": f"C={c} N={tokens} B={B} H={H} n={n}", "ms": t,
                      "bytes": nbytes, "flops": flops, "floor_ms": floor * 1e3,
-                     "pct_of_floor": 100 * floor * 1e3 / t["triton_fused"], "max_abs_err": err})
+                     "pct_of_floor": 100 * floor * 1e3 / t["triton_fused"], "max_abs_err": err, "sweep": sweep})
     return rows
 
 
@@ -116,9 +125,13 @@ def bench_dual_kv(args, torch, dtype, timer, device, levels, cross):
             t = {name: timer(fn) for name, fn in (("triton_fused", fused), ("torch_2x_sdpa", two_sdpa))}
             t["triton_sigma0"] = timer(lambda: dual_kv_attention(q, k1, v1, k2, v2, 0.0, out=out))
             t["torch_1x_sdpa"] = timer(lambda: F.scaled_dot_product_attention(q, k1, v1))
+            sweep = {f"block_m={bm} block_n={bn}": timer(lambda bm=bm, bn=bn: dual_kv_attention(
+                         q, k1, v1, k2, v2, sigma, out=out, block_m=bm, block_n=bn))
+                     for bm, bn in DUAL_KV_SWEEP} if args.sweep and kind == "self" else None
             rows.append({"kernel": f"dual_kv_{kind}", "case": f"N={tokens} d={d} M1={m1} M2={m2} B={B} H={H}",
                          "ms": t, "bytes": nbytes, "flops": flops, "floor_ms": floor * 1e3,
-                         "pct_of_floor": 100 * floor * 1e3 / t["triton_fused"], "max_abs_err": err})
+                         "pct_of_floor": 100 * floor * 1e3 / t["triton_fused"], "max_abs_err": err,
+                         "sweep": sweep})
     return rows
 
 
@@ -143,6 +156,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['kernel']} | {r['case']} | {t['triton_fused']:.4f} ({skip}) | {extra} | "
                      f"{best / t['triton_fused']:.2f}x | {r['floor_ms']:.4f} | {r['pct_of_floor']:.1f} | "
                      f"{r['max_abs_err']:.2e} |")
+    swept = [r for r in rows if r.get("sweep")]
+    if swept:
+        lines += ["", "Tile sweep (median ms; the default is the triton ms above):", "",
+                  "| kernel | case | default ms | best tile | best ms | all |", "|---|---|---|---|---|---|"]
+        for r in swept:
+            best = min(r["sweep"], key=r["sweep"].get)
+            every = ", ".join(f"{k} {v:.4f}" for k, v in r["sweep"].items())
+            lines.append(f"| {r['kernel']} | {r['case']} | {r['ms']['triton_fused']:.4f} | {best} | "
+                         f"{r['sweep'][best]:.4f} | {every} |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +193,7 @@ def main(argv=None) -> int:
             + bench_dual_kv(args, torch, dtype, timer, device, levels, cross))
     meta = common.run_meta(device, dtype=args.dtype, batch=args.batch, heads=args.heads, tokens=args.tokens,
                            peak_flops=args.peak_flops, peak_bw=args.peak_bw, peaks_are_nominal=True,
-                           smoke=args.smoke, timing="triton.testing.do_bench median" if device.type == "cuda"
+                           smoke=args.smoke, sweep=args.sweep, timing="triton.testing.do_bench median" if device.type == "cuda"
                            else "perf_counter median (interpreter: meaningless)")
     common.write_outputs(args.out, {"meta": meta, "rows": rows}, markdown(meta, rows))
     return 0

@@ -50,9 +50,11 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     bench = _bench("bench_kernels")
     assert bench.main(["--out", str(tmp_path / "k")]) == 2 and "--smoke" in capsys.readouterr().err
     assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py
-    assert bench.main(["--out", str(tmp_path / "k"), "--smoke", "--warmup", "1", "--rep", "5"]) == 0
+    assert bench.main(["--out", str(tmp_path / "k"), "--smoke", "--warmup", "1", "--rep", "5", "--sweep"]) == 0
     result = _outputs(tmp_path / "k")
     assert [r["kernel"] for r in result["rows"]] == ["few_token", "dual_kv_self", "dual_kv_cross"]
+    assert [bool(r["sweep"]) for r in result["rows"]] == [True, True, False]  # self-attention only
+    assert "Tile sweep" in (tmp_path / "k.md").read_text()
     assert all(r["max_abs_err"] < 2e-2 and r["ms"]["triton_fused"] > 0 for r in result["rows"])
     assert result["meta"]["peaks_are_nominal"] and result["meta"]["peak_bw"] == 3.35e12  # not an H200
 
