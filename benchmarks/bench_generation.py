@@ -190,10 +190,54 @@ def main(argv=None) -> int:
             "pct_of_peak": (100 * flops * its_med / args.peak_flops) if (flops and its_med) else None,
         })
 
+    def write(final: bool) -> None:
+        """The report of the rows so far: written after every row, so a run cut short keeps them."""
+        by_key = {(r["backend"], r["method"]): r for r in rows}
+        for r in rows:
+            base = by_key.get(tuple(r["baseline"].split("/"))) if r["baseline"] else None
+            if base:
+                r["speedup_vs_baseline"] = base["s_per_image"] / r["s_per_image"]
+                r["it_speedup_vs_baseline"] = (r["unet_it_per_s"] / base["unet_it_per_s"]
+                                              if r["unet_it_per_s"] and base["unet_it_per_s"] else None)
+        agreement = {
+            f"{b}/{m} vs diffusers/{m}": float((images[(b, m)] - images[("diffusers", m)]).abs().max())
+            for b, m in images if b != "diffusers" and ("diffusers", m) in images
+        }
+        meta = common.run_meta(device, preset=preset.name, size=size, steps=args.steps, guidance=args.guidance,
+                               dtype=str(dtype), batch=1, peak_flops=args.peak_flops, peak_is_nominal=True,
+                               ip_scale=args.ip_scale, sca_scale=args.sca_scale, repeats=args.repeats,
+                               complete=final)
+        table = [[r["backend"], r["method"], r["s_per_image"], r["unet_it_per_s"], r["first_s"], r["peak_gib"],
+                  r["peak_above_start_gib"], (r["unet_flops_per_step"] or 0) / 1e12, r["pct_of_peak"],
+                  f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if r.get("speedup_vs_baseline") else ""]
+                 for r in rows]
+        md = "\n".join([
+            f"# Generation: {meta['device']}, {preset.name} {size}x{size}, {args.steps} DDIM steps, batch 1 (CFG), "
+            f"{str(dtype).removeprefix('torch.')}{'' if final else ' (INCOMPLETE: the run stopped early)'}",
+            "",
+            f"torch {meta['torch']}, triton {meta['triton']}, diffusers {meta['diffusers']}, commit {meta['git_commit']}"
+            f"{' (dirty)' if meta['git_dirty'] else ''}, {meta['date']}. Random weights, same modules in every row. "
+            f"s/image: median of {args.repeats} after a warm-up (first_s: the warm-up, graph capture included). "
+            f"% of peak: UNet flops x it/s / {args.peak_flops:.3g} flop/s (nominal dense fp16 peak). "
+            "SCA has no diffusers processor: its baseline is diffusers' IP-Adapter row. "
+            f"Fast backend: {fast.report()['config']}.",
+            "",
+            common.md_table(["backend", "method", "s/image", "UNet it/s", "first s", "peak GiB", "peak above start GiB",
+                             "TFLOP/step", "% of peak", "speedup"], table),
+            "",
+            "Max abs image difference against diffusers (same noise, weights, scheduler): "
+            + ", ".join(f"{k}: {v:.3g}" for k, v in agreement.items()),
+            "",
+        ])
+        common.write_outputs(args.out, {"meta": meta, "rows": rows, "image_max_abs_diff": agreement,
+                                        "fast_backend": fast.report()}, md, echo=final)
+
     # diffusers first, base then IP-Adapter (the processors change in place)
     measure("diffusers", "base", diffusers_run(False), lambda: _diffusers_step(dpipe, False), None)
+    write(False)
     install_ip(dpipe.unet)
     measure("diffusers", "ip", diffusers_run(True), lambda: _diffusers_step(dpipe, True), None)
+    write(False)
     cases = {"base": (None, 0.0), "ip": (conds["ip"], args.ip_scale), "sca": (conds["sca"], args.sca_scale)}
     pidrt = [("pidrt-fast", fast)] + ([] if args.no_reference else [("pidrt-reference", reference)])
     for backend, pipe in pidrt:
@@ -202,46 +246,10 @@ def main(argv=None) -> int:
             measure(backend, method, pidrt_run(pipe, cond, scale),
                     lambda pipe=pipe, cond=cond, scale=scale: _pidrt_step(pipe, sampling, args.prompt, seed, cond, scale),
                     baseline)
-
-    by_key = {(r["backend"], r["method"]): r for r in rows}
-    for r in rows:
-        if r["baseline"]:
-            base = by_key[tuple(r["baseline"].split("/"))]
-            r["speedup_vs_baseline"] = base["s_per_image"] / r["s_per_image"]
-            r["it_speedup_vs_baseline"] = (r["unet_it_per_s"] / base["unet_it_per_s"]
-                                          if r["unet_it_per_s"] and base["unet_it_per_s"] else None)
-    agreement = {
-        f"{b}/{m} vs diffusers/{m if m != 'sca' else 'ip'}": float((images[(b, m)] - images[("diffusers", m)]).abs().max())
-        for b, m in images if b != "diffusers" and m != "sca"
-    }
-
-    meta = common.run_meta(device, preset=preset.name, size=size, steps=args.steps, guidance=args.guidance,
-                           dtype=str(dtype), batch=1, peak_flops=args.peak_flops, peak_is_nominal=True,
-                           ip_scale=args.ip_scale, sca_scale=args.sca_scale, repeats=args.repeats)
-    print(f"device: {meta['device']} (peak for %: {args.peak_flops:.3g} flop/s, nominal)", file=sys.stderr)
-    table = [[r["backend"], r["method"], r["s_per_image"], r["unet_it_per_s"], r["first_s"], r["peak_gib"],
-              r["peak_above_start_gib"], (r["unet_flops_per_step"] or 0) / 1e12, r["pct_of_peak"],
-              f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if r.get("baseline") else ""] for r in rows]
-    md = "\n".join([
-        f"# Generation: {meta['device']}, {preset.name} {size}x{size}, {args.steps} DDIM steps, batch 1 (CFG), "
-        f"{str(dtype).removeprefix('torch.')}",
-        "",
-        f"torch {meta['torch']}, triton {meta['triton']}, diffusers {meta['diffusers']}, commit {meta['git_commit']}"
-        f"{' (dirty)' if meta['git_dirty'] else ''}, {meta['date']}. Random weights, same modules in every row. "
-        f"s/image: median of {args.repeats} after a warm-up (first_s: the warm-up, graph capture included). "
-        f"% of peak: UNet flops x it/s / {args.peak_flops:.3g} flop/s (nominal dense fp16 peak). "
-        "SCA has no diffusers processor: its baseline is diffusers' IP-Adapter row. "
-        f"Fast backend: {fast.report()['config']}.",
-        "",
-        common.md_table(["backend", "method", "s/image", "UNet it/s", "first s", "peak GiB", "peak above start GiB",
-                         "TFLOP/step", "% of peak", "speedup"], table),
-        "",
-        "Max abs image difference against diffusers (same noise, weights, scheduler): "
-        + ", ".join(f"{k}: {v:.3g}" for k, v in agreement.items()),
-        "",
-    ])
-    common.write_outputs(args.out, {"meta": meta, "rows": rows, "image_max_abs_diff": agreement,
-                                    "fast_backend": fast.report()}, md)
+            write(False)
+    print(f"device: {common.run_meta(device)['device']} (peak for %: {args.peak_flops:.3g} flop/s, nominal)",
+          file=sys.stderr)
+    write(True)
     return 0
 
 

@@ -93,6 +93,51 @@ def main(argv=None) -> int:
         return {n: type(p)(p.query, _repeat(p.branch, b // 2)) for n, p in one.items()}
 
     results, flops, profiles = {}, {}, {}
+
+    def write(final: bool) -> None:
+        """The report of the cases so far: written after every case, so a run cut short keeps them."""
+        rows, table = [], []
+        for case, r in results.items():
+            base = results.get("base")
+            ratio = {k: (r[k] / base[k] if base else None) for k in ("reference", "fast")}
+            target = TARGETS.get(case)
+            row = {"case": case, "ms": {k: r[k] for k in ("reference", "fast")}, "ratio_to_base": ratio,
+                   "speedup_fast_vs_reference": r["reference"] / r["fast"], "flops_per_step": flops[case],
+                   "target_ratio": target,
+                   "target_met": {k: (ratio[k] < target if target and ratio[k] else None) for k in ratio},
+                   "rel_l2_err_fast_vs_reference": r["rel_l2_err"], "max_abs_err_fast_vs_reference": r["max_abs_err"],
+                   "fast_output_finite": r["finite"]}
+            rows.append(row)
+            table.append([case, r["reference"], r["fast"], row["speedup_fast_vs_reference"],
+                          _ratio(ratio["reference"]), _ratio(ratio["fast"]),
+                          f"< {100 * (target - 1):.0f}%: {'met' if row['target_met']['fast'] else 'NOT met'}" if target and base else "",
+                          flops[case] / 1e12, r["rel_l2_err"]])
+
+        meta = common.run_meta(device, preset=preset.name, height=height, width=width, batch=b, dtype=str(dtype),
+                               scale=args.scale, eaa_s_c=args.eaa_sc, timestep=args.timestep,
+                               timing="triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
+                               complete=final)
+        report = fast.report()
+        md = "\n".join([
+            f"# UNet step: {meta['device']}, {preset.name} {height}x{width}, batch {b}, {str(dtype).removeprefix('torch.')}"
+            f"{'' if final else ' (INCOMPLETE: the run stopped early)'}",
+            "",
+            f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}, "
+            f"{meta['date']}. Medians in ms ({meta['timing']}); overhead = step / base step of the same backend, "
+            "same run. Random weights. reference = Pipeline.unet (eager torch); fast = make_fast "
+            f"({_describe(report['config'])}).",
+            "",
+            common.md_table(["case", "reference ms", "fast ms", "speedup", "reference overhead", "fast overhead",
+                             "target (fast)", "TFLOP/step", "rel err fast"], table),
+            "",
+            f"SDPA backend chosen by the fast backend: {_sdpa(report)}.",
+            f"CUDA graphs: {report['graphs']}.",
+            "",
+            *(_profile_md(case, top) for case, top in profiles.items()),
+        ])
+        common.write_outputs(args.out, {"meta": meta, "rows": rows, "fast_backend": report, "profiles": profiles}, md,
+                                echo=final)
+
     for case in cases:
         layers_payload = payloads(case)
         outs = {}
@@ -113,45 +158,9 @@ def main(argv=None) -> int:
         results[case]["finite"] = bool(torch.isfinite(outs["fast"]).all())
         print(f"{case}: reference {results[case]['reference']:.3f} ms, fast {results[case]['fast']:.3f} ms",
               file=sys.stderr)
+        write(final=False)
+    write(final=True)
 
-    rows, table = [], []
-    for case, r in results.items():
-        base = results.get("base")
-        ratio = {k: (r[k] / base[k] if base else None) for k in ("reference", "fast")}
-        target = TARGETS.get(case)
-        row = {"case": case, "ms": {k: r[k] for k in ("reference", "fast")}, "ratio_to_base": ratio,
-               "speedup_fast_vs_reference": r["reference"] / r["fast"], "flops_per_step": flops[case],
-               "target_ratio": target,
-               "target_met": {k: (ratio[k] < target if target and ratio[k] else None) for k in ratio},
-               "rel_l2_err_fast_vs_reference": r["rel_l2_err"], "max_abs_err_fast_vs_reference": r["max_abs_err"],
-               "fast_output_finite": r["finite"]}
-        rows.append(row)
-        table.append([case, r["reference"], r["fast"], row["speedup_fast_vs_reference"],
-                      _ratio(ratio["reference"]), _ratio(ratio["fast"]),
-                      f"< {100 * (target - 1):.0f}%: {'met' if row['target_met']['fast'] else 'NOT met'}" if target and base else "",
-                      flops[case] / 1e12, r["rel_l2_err"]])
-
-    meta = common.run_meta(device, preset=preset.name, height=height, width=width, batch=b, dtype=str(dtype),
-                           scale=args.scale, eaa_s_c=args.eaa_sc, timestep=args.timestep,
-                           timing="triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median")
-    report = fast.report()
-    md = "\n".join([
-        f"# UNet step: {meta['device']}, {preset.name} {height}x{width}, batch {b}, {str(dtype).removeprefix('torch.')}",
-        "",
-        f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}, "
-        f"{meta['date']}. Medians in ms ({meta['timing']}); overhead = step / base step of the same backend, "
-        "same run. Random weights. reference = Pipeline.unet (eager torch); fast = make_fast "
-        f"({_describe(report['config'])}).",
-        "",
-        common.md_table(["case", "reference ms", "fast ms", "speedup", "reference overhead", "fast overhead",
-                         "target (fast)", "TFLOP/step", "rel err fast"], table),
-        "",
-        f"SDPA backend chosen by the fast backend: {_sdpa(report)}.",
-        f"CUDA graphs: {report['graphs']}.",
-        "",
-        *(_profile_md(case, top) for case, top in profiles.items()),
-    ])
-    common.write_outputs(args.out, {"meta": meta, "rows": rows, "fast_backend": report, "profiles": profiles}, md)
     return 0
 
 

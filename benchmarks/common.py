@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from pidrt.fileio import atomic_write
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -178,15 +180,17 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+def write_outputs(out: str, payload: dict, markdown: str, echo: bool = True) -> tuple[Path, Path]:
     path = Path(out)
     stem = path.with_suffix("") if path.suffix in (".json", ".md") else path
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = Path(f"{stem}.json"), Path(f"{stem}.md")
-    json_path.write_text(json.dumps(payload, indent=2, default=str))
-    md_path.write_text(markdown)
-    print(markdown)
-    print(f"wrote {json_path} and {md_path}")
+    # Atomic: scripts rewrite their report after every case, and a time limit may kill them mid-write.
+    atomic_write(json_path, json.dumps(payload, indent=2, default=str).encode())
+    atomic_write(md_path, markdown.encode())
+    if echo:
+        print(markdown)
+        print(f"wrote {json_path} and {md_path}")
     return json_path, md_path
 
 

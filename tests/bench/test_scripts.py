@@ -66,7 +66,7 @@ def test_bench_unet_step_smoke(tmp_path):
                                            "--warmup", "1", "--rep", "5", "--profile"]) == 0
     result = _outputs(out)
     rows = {r["case"]: r for r in result["rows"]}
-    assert set(rows) == {"base", "sca", "eaa"}
+    assert set(rows) == {"base", "sca", "eaa"} and result["meta"]["complete"]  # rewritten per case; last is whole
     for r in rows.values():  # fp32 on CPU: the fast backend computes what the reference does
         assert r["fast_output_finite"] and r["rel_l2_err_fast_vs_reference"] < 1e-4
     assert rows["sca"]["target_ratio"] == 1.03 and rows["eaa"]["target_ratio"] == 1.30
@@ -79,6 +79,7 @@ def test_bench_generation_smoke(tmp_path):
     assert _bench("bench_generation").main(["--out", str(out), "--preset", "tiny", "--device", "cpu",
                                             "--no-kernels", "--steps", "2", "--repeats", "1"]) == 0
     result = _outputs(out)
+    assert result["meta"]["complete"] and "INCOMPLETE" not in out.with_suffix(".md").read_text()
     got = {(r["backend"], r["method"]) for r in result["rows"]}
     assert got == {(b, m) for b in ("pidrt-fast", "pidrt-reference") for m in ("base", "ip", "sca")} | {
         ("diffusers", "base"), ("diffusers", "ip")}
