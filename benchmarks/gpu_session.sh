@@ -3,7 +3,11 @@
 # up to 540 s, inside one device command (600 s), leaving room for the machine's start.
 #
 #   bash benchmarks/gpu_session.sh --fetch-wheels   # here, with pip access: diffusers into .whl/
-#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh   # on the GPU machine, repo root
+#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning]   # on the GPU machine
+#
+# core (default): the checks and headline numbers of #5. tuning, for a later lease once core has
+# run: tile sweeps of both kernels (fp16, bf16) and the UNet step with torch.compile inside the
+# graphs (its first compile of the SD1.5 UNet takes minutes, hence a lease of its own).
 #
 # The GPU machine has torch, Triton, numpy, transformers, safetensors but no diffusers and no
 # package registry, so diffusers (pure Python; the only missing import on Python 3.12) travels
@@ -28,6 +32,8 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     exit 0
 fi
 
+SET=${1:-core}
+[[ "$SET" == core || "$SET" == tuning ]] || { echo "unknown stage set '$SET': core or tuning"; exit 2; }
 OUT=${OUT:-$PWD/gpu-session}
 RES=$(mktemp -d)
 mkdir -p "$OUT"
@@ -61,6 +67,16 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", tr
       \"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__)
 print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"; python3 -m pidrt.cli doctor
 echo "commit ${PIDRT_GIT_COMMIT:-unknown}"'
+if [[ "$SET" == tuning ]]; then
+    stage kernels-sweep 150 python3 benchmarks/bench_kernels.py --out "$RES/kernels_sweep" --sweep
+    stage kernels-sweep-bf16 70 python3 benchmarks/bench_kernels.py --out "$RES/kernels_sweep_bf16" --sweep \
+        --dtype bf16
+    stage unet-step-compile 300 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step_compile" --compile \
+        --cases base,sca,eaa --profile
+    echo "=== summary"
+    printf '%s\n' "${SUMMARY[@]}"
+    exit 0
+fi
 stage pytest-gpu 140 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu.xml" \
     tests/kernels tests/engines/test_fast_torch.py tests/identity/test_device_cache.py
 stage kernels 50 python3 benchmarks/bench_kernels.py --out "$RES/kernels"
