@@ -8,7 +8,8 @@ values), 512x512, classifier-free guidance batch 2, fp16. Cases: the base UNet; 
 + IP-Adapter (folded identities, both CFG halves active); + EAA (cached features: random K/V of
 the right shapes, s_c aggregated tokens for cross-attention). Each case runs on
 - `reference`: `Pipeline.unet`, eager, torch's default SDPA, the folded branch in plain torch;
-- `fast`: `make_fast` (fp16, channels_last, measured SDPA backend, Triton kernels, CUDA graphs).
+- `fast`: `make_fast` (fp16, channels_last, measured SDPA backend, Triton kernels, CUDA graphs),
+  and with `--variants` also the fast backend with one choice changed (VARIANTS), side by side.
 Medians from triton.testing.do_bench; ratios are to the base step of the same backend measured
 in the same run. Targets: SCA / IP-Adapter add < 3% over base, EAA < 30%.
 Writes <out>.json (metadata, medians, ratios, errors, the backend's choices) and <out>.md.
@@ -17,6 +18,7 @@ Writes <out>.json (metadata, medians, ratios, errors, the backend's choices) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,6 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 TARGETS = {"sca": 1.03, "ip": 1.03, "eaa": 1.30}  # step time / base step time
+# --variants: the fast backend as configured on the command line ("fast"), and with one choice
+# changed, measured side by side in the same run to see what each choice is worth.
+VARIANTS = {
+    "fast": {},
+    "no-kernels": {"kernels": False},  # branches in torch: EAA as two SDPA calls of the chosen backend
+    "nchw": {"channels_last": False},
+    "no-graphs": {"cuda_graphs": False},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=100, help="do_bench warmup, ms")
     p.add_argument("--rep", type=float, default=500, help="do_bench repetition time, ms")
     p.add_argument("--cases", default="base,sca,ip,eaa")
+    p.add_argument("--variants", default="fast",
+                   help=f"comma-separated fast-backend variants to time side by side: {', '.join(VARIANTS)}")
     p.add_argument("--profile", action="store_true",
                    help="also profile the fast backend's step per case (torch.profiler, top kernels by "
                         "self device time): where the time goes, to pick what to fuse next")
@@ -65,16 +77,19 @@ def main(argv=None) -> int:
     preset = get_preset(args.preset)
     height, width = args.height or preset.resolution, args.width or preset.resolution
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = set(cases) - {"base", "sca", "ip", "eaa"}
-    if unknown:
-        print(f"bench_unet_step.py: unknown cases {sorted(unknown)}", file=sys.stderr)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = (set(cases) - {"base", "sca", "ip", "eaa"}) | (set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        print(f"bench_unet_step.py: unknown cases or variants {sorted(unknown)} (variants: {', '.join(VARIANTS)})",
+              file=sys.stderr)
         return 2
 
     models = build_random(preset, seed=args.seed)
     layers = attention_layers(models.unet)
     conds, _, _ = common.few_token_conditions(models, layers, args.seed)
     reference = Pipeline(models, device, dtype)
-    fast = make_fast(reference, common.fast_config(args))
+    base_config = common.fast_config(args)
+    fast = {v: make_fast(reference, dataclasses.replace(base_config, **VARIANTS[v])) for v in variants}
 
     b, dim = args.batch, preset.unet.cross_attention_dim
     gen = torch.Generator().manual_seed(args.seed)
@@ -92,56 +107,58 @@ def main(argv=None) -> int:
         one = common.cfg_payloads(conds[case], device, dtype)
         return {n: type(p)(p.query, _repeat(p.branch, b // 2)) for n, p in one.items()}
 
-    results, flops, profiles = {}, {}, {}
-
     def write(final: bool) -> None:
         """The report of the cases so far: written after every case, so a run cut short keeps them."""
         rows, table = [], []
+        names = ["reference", *variants]
+        base = results.get("base")
         for case, r in results.items():
-            base = results.get("base")
-            ratio = {k: (r[k] / base[k] if base else None) for k in ("reference", "fast")}
+            ratio = {k: (r[k] / base[k] if base else None) for k in names}
             target = TARGETS.get(case)
-            row = {"case": case, "ms": {k: r[k] for k in ("reference", "fast")}, "ratio_to_base": ratio,
-                   "speedup_fast_vs_reference": r["reference"] / r["fast"], "flops_per_step": flops[case],
-                   "target_ratio": target,
-                   "target_met": {k: (ratio[k] < target if target and ratio[k] else None) for k in ratio},
-                   "rel_l2_err_fast_vs_reference": r["rel_l2_err"], "max_abs_err_fast_vs_reference": r["max_abs_err"],
-                   "fast_output_finite": r["finite"]}
+            row = {"case": case, "ms": {k: r[k] for k in names}, "ratio_to_base": ratio,
+                   "speedup_vs_reference": {v: r["reference"] / r[v] for v in variants},
+                   "flops_per_step": flops[case], "target_ratio": target,
+                   "target_met": {k: (ratio[k] < target if target and ratio[k] else None) for k in names},
+                   "vs_reference": errors[case]}
             rows.append(row)
-            table.append([case, r["reference"], r["fast"], row["speedup_fast_vs_reference"],
-                          _ratio(ratio["reference"]), _ratio(ratio["fast"]),
-                          f"< {100 * (target - 1):.0f}%: {'met' if row['target_met']['fast'] else 'NOT met'}" if target and base else "",
-                          flops[case] / 1e12, r["rel_l2_err"]])
+            met = row["target_met"][variants[0]]
+            table.append([case, r["reference"], _ratio(ratio["reference"]),
+                          *(x for v in variants for x in (r[v], _ratio(ratio[v]))),
+                          f"< {100 * (target - 1):.0f}%: {'met' if met else 'NOT met'}" if target and base else "",
+                          flops[case] / 1e12, errors[case][variants[0]]["rel_l2"]])
 
         meta = common.run_meta(device, preset=preset.name, height=height, width=width, batch=b, dtype=str(dtype),
-                               scale=args.scale, eaa_s_c=args.eaa_sc, timestep=args.timestep,
+                               scale=args.scale, eaa_s_c=args.eaa_sc, timestep=args.timestep, variants=variants,
                                timing="triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
                                complete=final)
-        report = fast.report()
+        reports = {v: fast[v].report() for v in variants}
+        first = reports[variants[0]]
         md = "\n".join([
             f"# UNet step: {meta['device']}, {preset.name} {height}x{width}, batch {b}, {str(dtype).removeprefix('torch.')}"
             f"{'' if final else ' (INCOMPLETE: the run stopped early)'}",
             "",
             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}, "
             f"{meta['date']}. Medians in ms ({meta['timing']}); overhead = step / base step of the same backend, "
-            "same run. Random weights. reference = Pipeline.unet (eager torch); fast = make_fast "
-            f"({_describe(report['config'])}).",
+            "same run. Random weights. reference = Pipeline.unet (eager torch); "
+            + "; ".join(f"{v} = make_fast ({_describe(reports[v]['config'])})" for v in variants) + ".",
             "",
-            common.md_table(["case", "reference ms", "fast ms", "speedup", "reference overhead", "fast overhead",
-                             "target (fast)", "TFLOP/step", "rel err fast"], table),
+            common.md_table(["case", "reference ms", "reference overhead",
+                             *(x for v in variants for x in (f"{v} ms", f"{v} overhead")),
+                             f"target ({variants[0]})", "TFLOP/step", f"rel err {variants[0]}"], table),
             "",
-            f"SDPA backend chosen by the fast backend: {_sdpa(report)}.",
-            f"CUDA graphs: {report['graphs']}.",
+            f"SDPA backend chosen by {variants[0]}: {_sdpa(first)}.",
+            f"CUDA graphs ({variants[0]}): {first['graphs']}.",
             "",
-            *(_profile_md(case, top) for case, top in profiles.items()),
+            *(_profile_md(variants[0], case, top) for case, top in profiles.items()),
         ])
-        common.write_outputs(args.out, {"meta": meta, "rows": rows, "fast_backend": report, "profiles": profiles}, md,
-                                echo=final)
+        common.write_outputs(args.out, {"meta": meta, "rows": rows, "fast_backend": reports, "profiles": profiles}, md,
+                             echo=final)
 
+    results, flops, profiles, errors = {}, {}, {}, {}
     for case in cases:
         layers_payload = payloads(case)
         outs = {}
-        for name, pipe in (("reference", reference), ("fast", fast)):
+        for name, pipe in (("reference", reference), *fast.items()):
             pipe.state.layers = layers_payload
             pipe.state.scale = torch.full((b,), 0.0 if case == "base" else args.scale, device=device, dtype=dtype)
             step = lambda pipe=pipe: pipe.unet(x, t, ctx)  # noqa: E731
@@ -149,18 +166,16 @@ def main(argv=None) -> int:
             results.setdefault(case, {})[name] = common.median_ms(step, device, args.warmup, args.rep)
             if name == "reference":
                 flops[case] = common.count_flops(step)
-            elif args.profile:
+            elif args.profile and name == variants[0]:
                 profiles[case] = _profile(step, device, args.profile_top)
             pipe.state.clear()
-        diff = outs["fast"] - outs["reference"]
-        results[case]["rel_l2_err"] = float(diff.norm() / outs["reference"].norm().clamp_min(1e-12))
-        results[case]["max_abs_err"] = float(diff.abs().max())
-        results[case]["finite"] = bool(torch.isfinite(outs["fast"]).all())
-        print(f"{case}: reference {results[case]['reference']:.3f} ms, fast {results[case]['fast']:.3f} ms",
-              file=sys.stderr)
+        want = outs["reference"]
+        errors[case] = {v: {"rel_l2": float((outs[v] - want).norm() / want.norm().clamp_min(1e-12)),
+                            "max_abs": float((outs[v] - want).abs().max()),
+                            "finite": bool(torch.isfinite(outs[v]).all())} for v in variants}
+        print(f"{case}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in results[case].items()), file=sys.stderr)
         write(final=False)
     write(final=True)
-
     return 0
 
 
@@ -186,9 +201,9 @@ def _profile(step, device, top: int, steps: int = 5) -> list[dict]:
              "share": getattr(e, key) / total} for e in events[:top] if getattr(e, key) > 0]
 
 
-def _profile_md(case: str, top: list[dict]) -> str:
+def _profile_md(variant: str, case: str, top: list[dict]) -> str:
     rows = [[e["name"][:90], e["calls_per_step"], e["ms_per_step"], f"{100 * e['share']:.1f}%"] for e in top]
-    return (f"Profile, fast backend, {case}: time per step of the top GPU kernels (on CPU: host ops), "
+    return (f"Profile, {variant}, {case}: time per step of the top GPU kernels (on CPU: host ops), "
             "share of the profiled total:\n\n"
             + common.md_table(["op / kernel", "calls/step", "ms/step", "share"], rows) + "\n")
 

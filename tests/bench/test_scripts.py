@@ -59,19 +59,23 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     assert result["meta"]["peaks_are_nominal"] and result["meta"]["peak_bw"] == 3.35e12  # not an H200
 
 
-def test_bench_unet_step_smoke(tmp_path):
-    out = tmp_path / "step"
-    assert _bench("bench_unet_step").main(["--out", str(out), "--preset", "tiny", "--device", "cpu",
-                                           "--no-kernels", "--cases", "base,sca,eaa",
-                                           "--warmup", "1", "--rep", "5", "--profile"]) == 0
+def test_bench_unet_step_smoke(tmp_path, capsys):
+    bench, out = _bench("bench_unet_step"), tmp_path / "step"
+    assert bench.main(["--out", str(out), "--preset", "tiny", "--device", "cpu", "--variants", "fast,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert bench.main(["--out", str(out), "--preset", "tiny", "--device", "cpu", "--no-kernels",
+                       "--cases", "base,sca,eaa", "--variants", "fast,nchw", "--warmup", "1", "--rep", "5",
+                       "--profile"]) == 0
     result = _outputs(out)
     rows = {r["case"]: r for r in result["rows"]}
     assert set(rows) == {"base", "sca", "eaa"} and result["meta"]["complete"]  # rewritten per case; last is whole
-    for r in rows.values():  # fp32 on CPU: the fast backend computes what the reference does
-        assert r["fast_output_finite"] and r["rel_l2_err_fast_vs_reference"] < 1e-4
+    for r in rows.values():  # fp32 on CPU: every variant computes what the reference does
+        assert set(r["ms"]) == {"reference", "fast", "nchw"}
+        assert all(e["finite"] and e["rel_l2"] < 1e-4 for e in r["vs_reference"].values())
     assert rows["sca"]["target_ratio"] == 1.03 and rows["eaa"]["target_ratio"] == 1.30
+    assert result["fast_backend"]["nchw"]["config"]["channels_last"] is False
     assert set(result["profiles"]) == set(rows) and all(result["profiles"][c] for c in rows)
-    assert "Profile, fast backend, eaa" in out.with_suffix(".md").read_text()
+    assert "Profile, fast, eaa" in out.with_suffix(".md").read_text()
 
 
 def test_bench_generation_smoke(tmp_path):
