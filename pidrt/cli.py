@@ -137,6 +137,7 @@ def cmd_kernels(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     import importlib.util
     import platform
+    import subprocess
 
     import torch
 
@@ -155,7 +156,11 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
         # TensorRT plugin engines load PTX through the driver: it must take what Triton writes.
         isa = lambda v: None if v is None else f"{v // 10}.{v % 10}"  # noqa: E731
-        report["ptx_isa"] = {"triton_writes": isa(toolchain_ptx_version(90)),
+        try:
+            writes = isa(toolchain_ptx_version(90))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # a Triton without its ptxas
+            writes = f"unknown ({type(exc).__name__}: {exc})"
+        report["ptx_isa"] = {"triton_writes": writes,
                              "cuda_driver_takes": isa(driver_ptx_version()) or "no CUDA driver"}
     report["backends"] = doctor_report()
     print(json.dumps(report, indent=2))

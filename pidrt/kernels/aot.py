@@ -98,9 +98,9 @@ class Launch:
     def compile(self, arch: int, max_ptx_version: int | None = None) -> CompiledKernel:
         """Compile for sm_<arch> (e.g. 90) with Triton's bundled LLVM and ptxas; no GPU needed.
 
-        Triton writes the PTX ISA of its bundled ptxas (9.4 for Triton 3.9's CUDA 13.4), which a
-        driver loading the PTX itself, as TensorRT does, refuses when it is older (a CUDA 13.0
-        driver JITs up to 9.0): pass `max_ptx_version` (e.g. `driver_ptx_version()`) to cap it.
+        Triton writes the PTX ISA of its bundled ptxas (9.4 for Triton 3.9's CUDA 13.4). A driver
+        that loads the PTX itself, as TensorRT has it do, refuses an ISA newer than its own CUDA
+        (a CUDA 13.0 driver JITs up to 9.0): pass `max_ptx_version` (e.g. `driver_ptx_version()`).
         """
         if self.dtype not in TRITON_TYPES:
             raise PidrtError(f"unsupported dtype {self.dtype}")

@@ -98,8 +98,8 @@ def _config(dp: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) per padded head dim.
 
     The largest tiles that ptxas (sm_90a) fits in registers without spilling while a Q tile, the
-    first pass's result and the second pass's accumulator are all live, with both the Triton the
-    tests pin (3.9) and the one on the lent GPU machine (3.6): at dp = 256, (64, 16, 8) is
+    first pass's result and the second pass's accumulator are all live, with both the Triton CI
+    installs (3.9) and the one on the lent GPU machine (3.6): at dp = 256, (64, 16, 8) is
     spill-free on 3.9 but spills 32 B on 3.6. See benchmarks/results/kernel-resources-*.md
     (``pidrt kernels``); tests/kernels re-checks the installed Triton. Speed is not measured yet.
     """
