@@ -109,8 +109,8 @@ def compile_variant(variant: Variant, arch: int, dtype: torch.dtype, out_dir: Pa
 
 def markdown(rows: list[Resources], title: str) -> str:
     lines = [f"# {title}", "",
-             "| kernel variant | arch | dtype | warps | registers/thread | spill stores (B) | spill loads (B) "
-             "| shared (B) | PTX ISA |",
+             ("| kernel variant | arch | dtype | warps | registers/thread | spill stores (B) | spill loads (B) "
+              "| shared (B) | PTX ISA |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.variant} | sm_{r.arch} | {r.dtype} | {r.num_warps} | {r.registers} | "
