@@ -190,6 +190,10 @@ def main(argv=None) -> int:
             "pct_of_peak": (100 * flops * its_med / args.peak_flops) if (flops and its_med) else None,
         })
 
+    run = common.run_meta(device, preset=preset.name, size=size, steps=args.steps, guidance=args.guidance,
+                          dtype=str(dtype), batch=1, peak_flops=args.peak_flops, peak_is_nominal=True,
+                          ip_scale=args.ip_scale, sca_scale=args.sca_scale, repeats=args.repeats)
+
     def write(final: bool) -> None:
         """The report of the rows so far: written after every row, so a run cut short keeps them."""
         by_key = {(r["backend"], r["method"]): r for r in rows}
@@ -203,10 +207,7 @@ def main(argv=None) -> int:
             f"{b}/{m} vs diffusers/{m}": float((images[(b, m)] - images[("diffusers", m)]).abs().max())
             for b, m in images if b != "diffusers" and ("diffusers", m) in images
         }
-        meta = common.run_meta(device, preset=preset.name, size=size, steps=args.steps, guidance=args.guidance,
-                               dtype=str(dtype), batch=1, peak_flops=args.peak_flops, peak_is_nominal=True,
-                               ip_scale=args.ip_scale, sca_scale=args.sca_scale, repeats=args.repeats,
-                               complete=final)
+        meta = {**run, "complete": final}
         table = [[r["backend"], r["method"], r["s_per_image"], r["unet_it_per_s"], r["first_s"], r["peak_gib"],
                   r["peak_above_start_gib"], (r["unet_flops_per_step"] or 0) / 1e12, r["pct_of_peak"],
                   f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if r.get("speedup_vs_baseline") else ""]
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
                     lambda pipe=pipe, cond=cond, scale=scale: _pidrt_step(pipe, sampling, args.prompt, seed, cond, scale),
                     baseline)
             write(False)
-    print(f"device: {common.run_meta(device)['device']} (peak for %: {args.peak_flops:.3g} flop/s, nominal)",
+    print(f"device: {run['device']} (peak for %: {args.peak_flops:.3g} flop/s, nominal)",
           file=sys.stderr)
     write(True)
     return 0

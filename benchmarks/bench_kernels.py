@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.smoke:
         args.heads = SMOKE["heads"]
-    name = common.run_meta(device)["device"]
+    name = common.device_name(device)
     if args.peak_bw is None:
         args.peak_bw = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), HBM_BYTES_PER_S["H100"])
     torch.manual_seed(0)

@@ -107,6 +107,10 @@ def main(argv=None) -> int:
         one = common.cfg_payloads(conds[case], device, dtype)
         return {n: type(p)(p.query, _repeat(p.branch, b // 2)) for n, p in one.items()}
 
+    run = common.run_meta(device, preset=preset.name, height=height, width=width, batch=b, dtype=str(dtype),
+                          scale=args.scale, eaa_s_c=args.eaa_sc, timestep=args.timestep, variants=variants,
+                          timing="triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median")
+
     def write(final: bool) -> None:
         """The report of the cases so far: written after every case, so a run cut short keeps them."""
         rows, table = [], []
@@ -127,10 +131,7 @@ def main(argv=None) -> int:
                           f"< {100 * (target - 1):.0f}%: {'met' if met else 'NOT met'}" if target and base else "",
                           flops[case] / 1e12, errors[case][variants[0]]["rel_l2"]])
 
-        meta = common.run_meta(device, preset=preset.name, height=height, width=width, batch=b, dtype=str(dtype),
-                               scale=args.scale, eaa_s_c=args.eaa_sc, timestep=args.timestep, variants=variants,
-                               timing="triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
-                               complete=final)
+        meta = {**run, "complete": final}
         reports = {v: fast[v].report() for v in variants}
         first = reports[variants[0]]
         md = "\n".join([

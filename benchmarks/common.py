@@ -139,6 +139,10 @@ def _git(*cmd: str) -> str | None:
         return None
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+
 def run_meta(device: torch.device, **extra) -> dict:
     try:
         import triton
@@ -154,7 +158,7 @@ def run_meta(device: torch.device, **extra) -> dict:
         diffusers_version = None
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
