@@ -152,16 +152,15 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
     report["kernels"] = available()[1]
     if importlib.util.find_spec("triton") is not None:
-        from pidrt.kernels.aot import driver_ptx_version, toolchain_ptx_version
+        from pidrt.kernels.aot import driver_ptx_version, isa_text, toolchain_ptx_version
 
         # TensorRT plugin engines load PTX through the driver: it must take what Triton writes.
-        isa = lambda v: None if v is None else f"{v // 10}.{v % 10}"  # noqa: E731
         try:
-            writes = isa(toolchain_ptx_version(90))
+            writes = isa_text(toolchain_ptx_version(90))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # a Triton without its ptxas
             writes = f"unknown ({type(exc).__name__}: {exc})"
         report["ptx_isa"] = {"triton_writes": writes,
-                             "cuda_driver_takes": isa(driver_ptx_version()) or "no CUDA driver"}
+                             "cuda_driver_takes": isa_text(v) if (v := driver_ptx_version()) else "no CUDA driver"}
     report["backends"] = doctor_report()
     print(json.dumps(report, indent=2))
     return 0

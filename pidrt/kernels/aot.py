@@ -15,6 +15,7 @@ expressions in the plugin), the grid and the compile-time constants. The same pl
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ class CompiledKernel:
     @property
     def block_threads(self) -> int:
         return self.num_warps * 32
+
+    @property
+    def ptx_isa(self) -> str:
+        """The PTX's ISA version, e.g. "9.0": what a driver loading this PTX must support."""
+        return ptx_isa(self.ptx)
 
     def ptx_params(self) -> list[str]:
         """The PTX entry's parameter types, e.g. ['.u64 .ptr ...', '.u32'] (the launch ABI)."""
@@ -109,9 +115,8 @@ class Launch:
         oldest = next((v for a, v in sorted(OLDEST_PTX.items(), reverse=True) if arch >= a), 0)
         if max_ptx_version is not None and max_ptx_version < oldest:
             # Checked here: below the target's first ISA, LLVM aborts the whole process.
-            raise PidrtError(f"sm_{arch} needs PTX ISA {oldest // 10}.{oldest % 10} or newer (Triton targets "
-                             f"sm_{arch}{'a' if arch >= 90 else ''}); the cap {max_ptx_version // 10}."
-                             f"{max_ptx_version % 10} is older")
+            raise PidrtError(f"sm_{arch} needs PTX ISA {isa_text(oldest)} or newer (Triton targets "
+                             f"sm_{arch}{'a' if arch >= 90 else ''}); the cap {isa_text(max_ptx_version)} is older")
         from triton import compile as triton_compile
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -153,6 +158,20 @@ def _parameters(kernel) -> tuple[list[str], set[str]]:
     return list(params), {n for n, p in params.items() if "constexpr" in str(p.annotation)}
 
 
+def ptx_isa(ptx: str) -> str:
+    """The ``.version`` of PTX text, e.g. "9.4"."""
+    found = re.search(r"^\.version (\S+)$", ptx, re.MULTILINE)
+    if found is None:
+        raise PidrtError("no .version line in the PTX")
+    return found.group(1)
+
+
+def isa_text(version: int) -> str:
+    """Triton's integer PTX version (90) as the ISA reads (9.0)."""
+    return f"{version // 10}.{version % 10}"
+
+
+@functools.lru_cache(maxsize=1)  # the driver does not change under a running process
 def driver_ptx_version() -> int | None:
     """The newest PTX ISA the installed CUDA driver compiles (e.g. 90 for CUDA 13.0), None without one."""
     import ctypes

@@ -102,9 +102,8 @@ def compile_variant(variant: Variant, arch: int, dtype: torch.dtype, out_dir: Pa
 
         name = f"{variant.label.replace(' ', '_').replace('=', '')}.sm{arch}.{TRITON_TYPES[dtype]}.ptx"
         atomic_write(Path(out_dir) / name, compiled.ptx.encode())
-    isa = re.search(r"^\.version (\S+)$", compiled.ptx, re.MULTILINE)
     return Resources(variant.label, arch, TRITON_TYPES[dtype], compiled.num_warps, compiled.shared_bytes,
-                     ptx_bytes=len(compiled.ptx), ptx_isa=isa.group(1) if isa else "?", **usage)
+                     ptx_bytes=len(compiled.ptx), ptx_isa=compiled.ptx_isa, **usage)
 
 
 def markdown(rows: list[Resources], title: str) -> str:

@@ -22,7 +22,7 @@ HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 pytest.importorskip("triton")
 
 STAND_IN = r'''
-import inspect, json, re, sys, types, typing
+import inspect, json, sys, types, typing
 
 # Modelled on tensorrt.plugin's Python sources (NVIDIA/TensorRT python/packaging/bindings_wheel/
 # tensorrt/plugin: _tensor.py, _validate.py, _plugin_class.py), down to what it rejects.
@@ -190,7 +190,7 @@ def build(plugin_id, inputs, attrs):
         raise TypeError("Extra args must be a 'tensorrt.plugin.SymInt32'")
     name, ptx = (s.decode() if isinstance(s, bytes) else s for s in (name, ptx))
     return {"types": [", ".join(c.io_types) for c in combos], "name": name,
-            "ptx_entry": f".entry {name}" in ptx, "ptx_isa": re.search(r"^\.version (\S+)$", ptx, re.M).group(1),
+            "ptx_entry": f".entry {name}" in ptx, "ptx_isa": aot.ptx_isa(ptx),
             "grid": [params.grid_x.v, params.grid_y.v, params.grid_z.v], "block": params.block_x.v,
             "shared": params.shared_mem.v, "extra": [e.v for e in extra]}
 
