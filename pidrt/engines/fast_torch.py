@@ -1,5 +1,6 @@
 """The fast GPU torch backend: fp16/bf16, channels_last, a measured SDPA backend, Triton identity
-kernels and CUDA graphs of the whole UNet step, behind the reference `Pipeline`'s own interface.
+kernels (optionally fused GroupNorms) and CUDA graphs of the whole UNet step, behind the
+reference `Pipeline`'s own interface.
 
     fast = make_fast(pipe, FastTorchConfig())      # a FastPipeline; `pipe` keeps working as it was
     fast.generate(SamplingConfig(...), [ImageSpec(...)])
@@ -58,6 +59,10 @@ class FastTorchConfig:
     dtype: torch.dtype | str = torch.float16
     channels_last: bool = True
     kernels: bool = True  # Triton kernels for folded SCA/IP branches and EAA (BranchState.fused)
+    # GroupNorm(+SiLU, + time embedding) as one Triton kernel that keeps channels_last
+    # (pidrt.engines.fused_norms). Off until a GPU measurement shows a gain (bench_unet_step
+    # --variants fused-norms); issue #5 item 3.
+    fused_norms: bool = False
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the UNet (inside the graphs when cuda_graphs)
     compile_mode: str | None = None  # torch.compile mode; None = its default
@@ -90,14 +95,16 @@ class FastTorchConfig:
             raise PidrtError(f"device {device} requested but torch sees no CUDA device")
         if self.cuda_graphs and not cuda:
             raise PidrtError(f"cuda_graphs=True needs a CUDA device; got {device}. Use cuda_graphs=False off-GPU")
-        if self.kernels:
+        for flag in ("kernels", "fused_norms"):
+            if not getattr(self, flag):
+                continue
             if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise PidrtError(f"kernels=True on {device} runs only in the Triton interpreter: set "
-                                 "TRITON_INTERPRET=1 before importing triton, or use kernels=False")
+                raise PidrtError(f"{flag}=True on {device} runs only in the Triton interpreter: set "
+                                 f"TRITON_INTERPRET=1 before importing triton, or use {flag}=False")
             try:
                 import triton  # noqa: F401
             except ImportError as exc:
-                raise MissingDependencyError(f"kernels=True needs Triton ({exc}): pip install 'pidrt[kernels]'") from exc
+                raise MissingDependencyError(f"{flag}=True needs Triton ({exc}): pip install 'pidrt[kernels]'") from exc
         if not cuda and self.sdpa_backend in ("cudnn", "efficient", "xformers"):
             raise PidrtError(f"sdpa_backend {self.sdpa_backend!r} needs a CUDA device; got {device}")
         if self.sdpa_backend == "xformers" and xformers_attention() is None:
@@ -226,6 +233,11 @@ class FastPipeline(Pipeline):
             from pidrt.kernels.ops import TritonOps
 
             self.state.fused = TritonOps()
+        self.norm_fusion = None
+        if config.fused_norms:
+            from pidrt.engines.fused_norms import fuse_group_norms
+
+            self.norm_fusion = fuse_group_norms(unet)
         self.state.explicit_attention = False
         self._module = torch.compile(unet, mode=config.compile_mode, dynamic=False) if config.compile else unet
         self.sdpa_choice: dict[tuple, str | None] = {}
@@ -301,6 +313,7 @@ class FastPipeline(Pipeline):
             "sdpa": [{"shape": list(map(list, s)), "choice": self.sdpa_choice[s], "timings_ms": self.sdpa_timings.get(s)}
                      for s in self.sdpa_choice],
             "graphs": None if self.graphed is None else self.graphed.stats.as_dict(),
+            "fused_norms": None if self.norm_fusion is None else self.norm_fusion.as_dict(),
         }
 
 

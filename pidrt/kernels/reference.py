@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pidrt.models.folded import FoldedBranch, apply_folded
 
-__all__ = ["few_token_reference", "dual_kv_reference"]
+__all__ = ["few_token_reference", "dual_kv_reference", "group_norm_reference"]
 
 
 def few_token_reference(base: torch.Tensor, x: torch.Tensor, branch: FoldedBranch, scale: torch.Tensor) -> torch.Tensor:
@@ -34,3 +34,23 @@ def dual_kv_reference(
     out1 = F.scaled_dot_product_attention(q, k1, v1, scale=sm_scale)
     out2 = F.scaled_dot_product_attention(q, k2, v2, scale=sm_scale)
     return out1 + sigma * out2
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    eps: float = 1e-5,
+    *,
+    shift: torch.Tensor | None = None,
+    silu: bool = False,
+) -> torch.Tensor:
+    """silu?(group_norm(x + shift, ...)) computed in fp32, returned in x's dtype and layout."""
+    h = x.float()
+    if shift is not None:
+        h = h + shift.float().reshape(x.shape[0], x.shape[1], 1, 1)
+    h = F.group_norm(h, groups, None if weight is None else weight.float(), None if bias is None else bias.float(), eps)
+    if silu:
+        h = F.silu(h)
+    return h.to(x.dtype)

@@ -366,9 +366,10 @@ def _gpu_pipes(dtype, config: FastTorchConfig):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.float16, 3e-2)])
-def test_gpu_images_match_reference(dtype, tol):
-    reference, fast, conds = _gpu_pipes(dtype, FastTorchConfig(dtype=dtype))
+@pytest.mark.parametrize("dtype,tol,fused_norms", [(torch.float32, 5e-3, False), (torch.float16, 3e-2, False),
+                                                   (torch.float16, 3e-2, True)])
+def test_gpu_images_match_reference(dtype, tol, fused_norms):
+    reference, fast, conds = _gpu_pipes(dtype, FastTorchConfig(dtype=dtype, fused_norms=fused_norms))
     for name, cond in conds.items():
         for placement in (("resident", "streamed") if name == "eaa" else ("resident",)):
             config = SamplingConfig(**{**vars(CFG), "eaa_placement": placement})

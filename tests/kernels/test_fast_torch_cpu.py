@@ -35,3 +35,23 @@ def test_fast_pipeline_with_kernels_matches_reference_on_cpu():
     assert fast.state.fused is not None and ref.state.fused is None
     assert (got.latents - want.latents).abs().max() < 1e-4
     assert (got.images - want.images).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path of the kernels needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_norms_match_the_reference_unet(channels_last):
+    ref = Pipeline(build_random(TINY, seed=0))
+    config = FastTorchConfig(dtype=torch.float32, kernels=False, fused_norms=True, cuda_graphs=False,
+                             channels_last=channels_last)
+    fast = make_fast(ref, config)
+    report = fast.report()["fused_norms"]
+    resnets = [n for n, m in ref.models.unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    transformers = [n for n, m in ref.models.unet.named_modules() if type(m).__name__ == "Transformer2DModel"]
+    assert report == {"resnets": len(resnets), "transformer_norms": len(transformers), "out_norm": True, "left": {}}
+    assert fast.models.unet.state_dict().keys() == ref.models.unet.state_dict().keys()
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, TINY.unet.cross_attention_dim, generator=g)
+    t = torch.tensor([500, 20])
+    want = ref.unet(x, t, ctx)
+    got = fast.unet(x, t, ctx)
+    assert (got - want).abs().max() < 1e-4
