@@ -4,7 +4,8 @@
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --out /tmp/smoke --smoke   # CPU: the script runs
 
 writes <out>.json and <out>.md. For each case it reports the median time (triton.testing.do_bench)
-of the fused kernel and of the torch versions it replaces, the max abs error against the torch
+of the fused kernel (few-token branch, dual-KV attention, and the candidate GroupNorm+SiLU) and of
+the torch versions it replaces, the max abs error against the torch
 reference, and "% of floor": the floor is max(bytes moved / peak bandwidth, flops / peak flop/s)
 for the kernel's unavoidable traffic and useful (unpadded) flops. The peaks are NOMINAL datasheet
 numbers (dense fp16 989e12 flop/s for H100 and H200 SXM; HBM 3.35e12 B/s H100, 4.8e12 B/s H200,
@@ -28,10 +29,13 @@ import common  # noqa: E402
 FEW_TOKEN_CASES = [(320, 4096), (640, 1024), (1280, 256), (1280, 64)]  # (C, N) per UNet level
 DUAL_KV_LEVELS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (N, d)
 CROSS_TOKENS = (77, 256)  # EAA cross-attention: the prompt's keys, then s_c aggregated identity tokens
-SMOKE = {"few_token": [(64, 20)], "dual_kv": [(20, 16)], "cross": (7, 12), "heads": 2}
+# (C, H=W) of ResNet norms at 512 px: each level's width and its widest up-block input (skip concat).
+GROUP_NORM_CASES = [(320, 64), (960, 64), (640, 32), (1920, 32), (1280, 16), (2560, 8)]
+SMOKE = {"few_token": [(64, 20)], "dual_kv": [(20, 16)], "cross": (7, 12), "heads": 2, "group_norm": [(64, 5)]}
 # --sweep: tiles timed besides the defaults (warps stay the defaults: 8, dual-KV head dim 160: 4).
 FEW_TOKEN_SWEEP = [(32, 64), (64, 64), (128, 64), (64, 128)]  # (block_n, block_c)
 DUAL_KV_SWEEP = [(128, 64), (64, 64), (64, 32), (32, 32), (32, 16)]  # (block_m, block_n)
+GROUP_NORM_SWEEP = [16, 32, 128]  # block_hw (pixels per chunk); the default is 64
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet (SXM); the first name found wins
 
 
@@ -135,6 +139,47 @@ def bench_dual_kv(args, torch, dtype, timer, device, levels, cross):
     return rows
 
 
+def bench_group_norm(args, torch, dtype, timer, device, cases):
+    """GroupNorm(x + temb) -> SiLU of a ResNet block (32 groups): the fused kernel in NHWC (and NCHW)
+    against torch, in channels_last including the copy back to channels_last the next conv makes
+    (torch's CUDA GroupNorm returns NCHW), and in NCHW."""
+    import torch.nn.functional as F
+
+    from pidrt.kernels.group_norm import group_norm
+    from pidrt.kernels.reference import group_norm_reference
+
+    B, G, elt = args.batch, 32, torch.finfo(dtype).bits // 8
+    rows = []
+    for c, side in cases:
+        x_nchw = torch.randn(B, c, side, side, device=device, dtype=dtype)
+        x = x_nchw.contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
+        temb = torch.randn(B, c, device=device, dtype=dtype)
+        out, out_nchw = torch.empty_like(x), torch.empty_like(x_nchw)
+
+        def torch_op(inp):
+            return F.silu(F.group_norm(inp + temb[:, :, None, None], G, w, b, 1e-5))
+
+        fused = lambda: group_norm(x, w, b, G, shift=temb, silu=True, out=out)  # noqa: E731
+        ref = group_norm_reference(x.float(), w.float(), b.float(), G, shift=temb.float(), silu=True)
+        err = (fused().float() - ref).abs().max().item()
+        nbytes = 2 * B * c * side * side * elt
+        floor = nbytes / args.peak_bw
+        t = {
+            "triton_fused": timer(fused),
+            "triton_nchw": timer(lambda: group_norm(x_nchw, w, b, G, shift=temb, silu=True, out=out_nchw)),
+            "torch_nhwc": timer(lambda: torch_op(x).contiguous(memory_format=torch.channels_last)),
+            "torch_nchw": timer(lambda: torch_op(x_nchw)),
+        }
+        sweep = {f"block_hw={bh}": timer(lambda bh=bh: group_norm(x, w, b, G, shift=temb, silu=True, out=out,
+                                                                   block_hw=bh))
+                 for bh in GROUP_NORM_SWEEP} if args.sweep else None
+        rows.append({"kernel": "group_norm_silu", "case": f"C={c} {side}x{side} B={B} G={G} NHWC", "ms": t,
+                     "bytes": nbytes, "flops": 0, "floor_ms": floor * 1e3,
+                     "pct_of_floor": 100 * floor * 1e3 / t["triton_fused"], "max_abs_err": err, "sweep": sweep})
+    return rows
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# pidrt kernel benchmark: {meta['device']} ({meta['dtype']})",
@@ -189,8 +234,10 @@ def main(argv=None) -> int:
     timer = lambda fn: common.median_ms(fn, device, args.warmup, args.rep)  # noqa: E731
     few = SMOKE["few_token"] if args.smoke else FEW_TOKEN_CASES
     levels, cross = (SMOKE["dual_kv"], SMOKE["cross"]) if args.smoke else (DUAL_KV_LEVELS, CROSS_TOKENS)
+    norms = SMOKE["group_norm"] if args.smoke else GROUP_NORM_CASES
     rows = (bench_few_token(args, torch, dtype, timer, device, few)
-            + bench_dual_kv(args, torch, dtype, timer, device, levels, cross))
+            + bench_dual_kv(args, torch, dtype, timer, device, levels, cross)
+            + bench_group_norm(args, torch, dtype, timer, device, norms))
     meta = common.run_meta(device, dtype=args.dtype, batch=args.batch, heads=args.heads, tokens=args.tokens,
                            peak_flops=args.peak_flops, peak_bw=args.peak_bw, peaks_are_nominal=True,
                            smoke=args.smoke, sweep=args.sweep, timing="triton.testing.do_bench median" if device.type == "cuda"

@@ -33,6 +33,7 @@ VARIANTS = {
     "fast": {},
     "no-kernels": {"kernels": False},  # branches in torch: EAA as two SDPA calls of the chosen backend
     "nchw": {"channels_last": False},
+    "fused-norms": {"fused_norms": True},  # the GroupNorm(+SiLU) kernel: item 3's candidate, off by default
     "no-graphs": {"cuda_graphs": False},
 }
 

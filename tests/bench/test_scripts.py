@@ -7,6 +7,7 @@ for real on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from pidrt.engines.fast_torch import FastTorchConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -52,8 +55,9 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py
     assert bench.main(["--out", str(tmp_path / "k"), "--smoke", "--warmup", "1", "--rep", "5", "--sweep"]) == 0
     result = _outputs(tmp_path / "k")
-    assert [r["kernel"] for r in result["rows"]] == ["few_token", "dual_kv_self", "dual_kv_cross"]
-    assert [bool(r["sweep"]) for r in result["rows"]] == [True, True, False]  # self-attention only
+    assert [r["kernel"] for r in result["rows"]] == ["few_token", "dual_kv_self", "dual_kv_cross", "group_norm_silu"]
+    assert [bool(r["sweep"]) for r in result["rows"]] == [True, True, False, True]  # dual-KV: self-attention only
+    assert set(result["rows"][3]["ms"]) == {"triton_fused", "triton_nchw", "torch_nhwc", "torch_nchw"}
     assert "Tile sweep" in (tmp_path / "k.md").read_text()
     assert all(r["max_abs_err"] < 2e-2 and r["ms"]["triton_fused"] > 0 for r in result["rows"])
     assert result["meta"]["peaks_are_nominal"] and result["meta"]["peak_bw"] == 3.35e12  # not an H200
@@ -76,6 +80,10 @@ def test_bench_unet_step_smoke(tmp_path, capsys):
     assert result["fast_backend"]["nchw"]["config"]["channels_last"] is False
     assert set(result["profiles"]) == set(rows) and all(result["profiles"][c] for c in rows)
     assert "Profile, fast, eaa" in out.with_suffix(".md").read_text()
+    # Every variant is a valid config (fused-norms is too slow in the interpreter to time here;
+    # tests/kernels/test_fast_torch_cpu.py checks that UNet against the reference).
+    for changes in bench.VARIANTS.values():
+        dataclasses.replace(FastTorchConfig(), **changes)
 
 
 def test_bench_generation_smoke(tmp_path):
