@@ -49,4 +49,5 @@ def test_unfusable_blocks_are_left_and_reported():
     report = fuse_group_norms(net)
     assert isinstance(net.blocks[0], FusedResnetBlock) and isinstance(net.blocks[1], ResnetBlock2D)
     assert report.resnets == 1 and not report.out_norm
-    assert report.left == {"blocks.1": "resamples", "extra": "not in a ResNet block, transformer input or the output norm"}
+    assert report.left == {"blocks.1": "resamples",
+                           "extra": "not in a ResNet block, transformer input or the output norm"}

@@ -102,8 +102,9 @@ def test_other_strides_are_made_contiguous(device):
     check(out, group_norm_reference(view.contiguous(), w, b, 4), torch.float32)
 
 
-@pytest.mark.parametrize("cpg, expected", [(10, (128, 12)), (20, (128, 6)), (30, (128, 4)), (40, (128, 3)),
-                                           (60, (128, 2)), (80, (256, 3)), (16, (128, 8)), (100, (128, 1)), (70, (256, 3)), (300, (512, 1))])
+@pytest.mark.parametrize("cpg, expected", [
+    (10, (128, 12)), (20, (128, 6)), (30, (128, 4)), (40, (128, 3)), (60, (128, 2)), (80, (256, 3)),
+    (16, (128, 8)), (100, (128, 1)), (70, (256, 3)), (300, (512, 1))])
 def test_channel_blocks_hold_whole_groups(cpg, expected):
     assert _channel_block(cpg) == expected
 
