@@ -8,16 +8,17 @@ NCHW, which the next channels_last convolution copies back. Per call that is the
 two passes, the SiLU and two layout copies; here it is two kernels that read x twice (the second
 read mostly from L2) and write once, in whichever layout x has.
 
-1. Statistics: one program per (batch element, block of whole groups, chunk of BLOCK_HW pixels)
+1. Statistics: one program per (batch element, GP whole groups, chunk of BLOCK_HW pixels)
    writes each group's chunk mean and centred sum of squares (M2) in fp32.
 2. Apply: each program first merges its groups' chunk partials (Chan's parallel formula, exact
    and free of the E[x^2] - E[x]^2 cancellation), then normalises `tiles` chunks of pixels.
 No atomics: results are deterministic, which CUDA-graph replays of a step rely on for
 reproducible images.
 
-Channel blocks hold whole groups (GPB groups of cpg channels, padded to BLOCK_C), so a group
-never straddles two programs; columns map to their block-local group through a one-hot matrix,
-since cpg (10, 20, 30, 40, 60, 80 in SD1.5) is rarely a power of two.
+A program's tile is [BLOCK_HW pixels, GP groups, CP channels]: whole groups, each padded to a
+power of two (cpg is 10, 20, 30, 40, 60, 80 in SD1.5), so group sums are plain reductions over
+two axes and no group straddles two programs. The padding costs idle lanes, not memory traffic:
+a group's channels are contiguous in NHWC and the padded lanes are masked.
 """
 
 from __future__ import annotations
@@ -34,116 +35,116 @@ __all__ = ["group_norm", "group_norm_reference"]
 
 
 @triton.jit
-def _columns(cb, C, cpg, GPB: tl.constexpr, GP: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Channel block cb's channel offsets, their mask, and the column -> block-local group one-hot."""
-    j = tl.arange(0, BLOCK_C)
-    offs_c = cb * GPB * cpg + j
-    c_ok = (j < GPB * cpg) & (offs_c < C)
-    onehot = ((j // cpg)[:, None] == tl.arange(0, GP)[None, :]) & c_ok[:, None]
-    return offs_c, c_ok, onehot
+def _channels(g0, cpg, G, GP: tl.constexpr, CP: tl.constexpr):
+    """Channel offsets [GP, CP] of groups g0 .. g0+GP-1 (cpg channels each, padded to CP), and their mask."""
+    g = g0 + tl.arange(0, GP)
+    k = tl.arange(0, CP)
+    return g[:, None] * cpg + k[None, :], (g < G)[:, None] & (k < cpg)[None, :]
+
+
+@triton.jit
+def _group_tile(b, g0, chunk, HW, cpg, G, sb, sc, shw, GP: tl.constexpr, CP: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Element offsets [BLOCK_HW, GP, CP] of those groups over one chunk of pixels, and the mask."""
+    ch, c_ok = _channels(g0, cpg, G, GP, CP)
+    rows = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offs = b * sb + rows[:, None, None] * shw + ch[None, :, :] * sc
+    return offs, (rows < HW)[:, None, None] & c_ok[None, :, :]
 
 
 @triton.jit
 def _group_norm_stats_kernel(
     X, Shift, Part,
-    HW, C, cpg, G, S,
+    HW, cpg, G, S,
     sxb, sxc, sxhw, sshb, sshc,
-    GPB: tl.constexpr, GP: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    GP: tl.constexpr, CP: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1)
+    g0 = tl.program_id(1) * GP
     s = tl.program_id(2)
-    offs_c, c_ok, onehot = _columns(cb, C, cpg, GPB, GP, BLOCK_C)
-    offs_hw = s * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask = (offs_hw < HW)[:, None] & c_ok[None, :]
-    x = tl.load(X + b * sxb + offs_hw[:, None] * sxhw + offs_c[None, :] * sxc, mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    offs, mask = _group_tile(b, g0, s, HW, cpg, G, sxb, sxc, sxhw, GP, CP, BLOCK_HW)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if Shift is not None:
-        shift = tl.load(Shift + b * sshb + offs_c * sshc, mask=c_ok, other=0.0).to(tl.float32)
-        x = tl.where(mask, x + shift[None, :], 0.0)  # padding rows stay 0: the sums count them out
+        ch, c_ok = _channels(g0, cpg, G, GP, CP)
+        shift = tl.load(Shift + b * sshb + ch * sshc, mask=c_ok, other=0.0).to(tl.float32)
+        x = tl.where(mask, x + shift[None, :, :], 0.0)  # padding stays 0: the sums count it out
     n = (tl.minimum(HW - s * BLOCK_HW, BLOCK_HW) * cpg).to(tl.float32)
-    mean = tl.sum(tl.where(onehot, tl.sum(x, axis=0)[:, None], 0.0), axis=0) / n  # [GP]
-    col_mean = tl.sum(tl.where(onehot, mean[None, :], 0.0), axis=1)  # [BLOCK_C]
-    d = tl.where(mask, x - col_mean[None, :], 0.0)
-    m2 = tl.sum(tl.where(onehot, tl.sum(d * d, axis=0)[:, None], 0.0), axis=0)
-    gl = tl.arange(0, GP)
-    g = cb * GPB + gl
+    mean = tl.sum(tl.sum(x, axis=2), axis=0) / n  # [GP]
+    d = tl.where(mask, x - mean[None, :, None], 0.0)
+    m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)
+    g = g0 + tl.arange(0, GP)
     ptr = Part + ((b * S + s) * G + g) * 2  # [B, S, G, (mean, M2)]
-    ok = (gl < GPB) & (g < G)
-    tl.store(ptr, mean, mask=ok)
-    tl.store(ptr + 1, m2, mask=ok)
+    tl.store(ptr, mean, mask=g < G)
+    tl.store(ptr + 1, m2, mask=g < G)
 
 
 @triton.jit
 def _group_norm_apply_kernel(
     X, Shift, W, Bias, Part, Out,
-    HW, C, cpg, G, S, tiles, eps,
+    HW, cpg, G, S, tiles, eps,
     sxb, sxc, sxhw, sshb, sshc, sob, soc, sohw,
-    GPB: tl.constexpr, GP: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    GP: tl.constexpr, CP: tl.constexpr, BLOCK_HW: tl.constexpr,
     BLOCK_S: tl.constexpr, SILU: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1)
-    gl = tl.arange(0, GP)
-    g = cb * GPB + gl
-    g_ok = (gl < GPB) & (g < G)
+    g0 = tl.program_id(1) * GP
+    g = g0 + tl.arange(0, GP)
 
-    # Merge the chunk partials of this block's groups: mean first, then M2 around it.
+    # Merge the chunk partials of these groups: mean first, then M2 around it.
     total = HW * cpg * 1.0
     mean = tl.zeros([GP], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         n = (tl.minimum(HW - s * BLOCK_HW, BLOCK_HW) * cpg).to(tl.float32)
-        ok = (s < S)[:, None] & g_ok[None, :]
+        ok = (s < S)[:, None] & (g < G)[None, :]
         part_mean = tl.load(Part + ((b * S + s[:, None]) * G + g[None, :]) * 2, mask=ok, other=0.0)
-        mean += tl.sum(tl.where(ok, n[:, None] * part_mean, 0.0), axis=0)
+        mean += tl.sum(n[:, None] * part_mean, axis=0)
     mean = mean / total
     m2 = tl.zeros([GP], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         n = (tl.minimum(HW - s * BLOCK_HW, BLOCK_HW) * cpg).to(tl.float32)
-        ok = (s < S)[:, None] & g_ok[None, :]
+        ok = (s < S)[:, None] & (g < G)[None, :]
         ptr = Part + ((b * S + s[:, None]) * G + g[None, :]) * 2
         dm = tl.load(ptr, mask=ok, other=0.0) - mean[None, :]
         m2 += tl.sum(tl.where(ok, tl.load(ptr + 1, mask=ok, other=0.0) + n[:, None] * dm * dm, 0.0), axis=0)
     rstd = 1.0 / tl.sqrt(m2 / total + eps)
 
-    # Per column: y = (x - (mean - shift)) * rstd * w + bias, so the tile loop is load, FMA, store.
-    offs_c, c_ok, onehot = _columns(cb, C, cpg, GPB, GP, BLOCK_C)
-    col_mean = tl.sum(tl.where(onehot, mean[None, :], 0.0), axis=1)
-    scale = tl.sum(tl.where(onehot, rstd[None, :], 0.0), axis=1)
+    # Per channel: y = (x - (mean - shift)) * rstd * w + bias, so the tile loop is load, FMA, store.
+    ch, c_ok = _channels(g0, cpg, G, GP, CP)
+    center = tl.broadcast_to(mean[:, None], (GP, CP))
+    scale = tl.broadcast_to(rstd[:, None], (GP, CP))
     if Shift is not None:
-        col_mean -= tl.load(Shift + b * sshb + offs_c * sshc, mask=c_ok, other=0.0).to(tl.float32)
+        center -= tl.load(Shift + b * sshb + ch * sshc, mask=c_ok, other=0.0).to(tl.float32)
     if W is not None:
-        scale *= tl.load(W + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    shift_out = tl.zeros([BLOCK_C], dtype=tl.float32)
+        scale *= tl.load(W + ch, mask=c_ok, other=0.0).to(tl.float32)
+    offset = tl.zeros([GP, CP], dtype=tl.float32)
     if Bias is not None:
-        shift_out = tl.load(Bias + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        offset = tl.load(Bias + ch, mask=c_ok, other=0.0).to(tl.float32)
     for t in range(0, tiles):
-        offs_hw = (tl.program_id(2) * tiles + t) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        mask = (offs_hw < HW)[:, None] & c_ok[None, :]
-        x = tl.load(X + b * sxb + offs_hw[:, None] * sxhw + offs_c[None, :] * sxc, mask=mask, other=0.0)
-        y = (x.to(tl.float32) - col_mean[None, :]) * scale[None, :] + shift_out[None, :]
+        chunk = tl.program_id(2) * tiles + t
+        offs, mask = _group_tile(b, g0, chunk, HW, cpg, G, sxb, sxc, sxhw, GP, CP, BLOCK_HW)
+        x = tl.load(X + offs, mask=mask, other=0.0)
+        y = (x.to(tl.float32) - center[None, :, :]) * scale[None, :, :] + offset[None, :, :]
         if SILU:
             y = y / (1.0 + tl.exp2(-y * 1.4426950408889634))
-        tl.store(Out + b * sob + offs_hw[:, None] * sohw + offs_c[None, :] * soc,
-                 y.to(Out.dtype.element_ty), mask=mask)
+        out_offs, _mask = _group_tile(b, g0, chunk, HW, cpg, G, sob, soc, sohw, GP, CP, BLOCK_HW)
+        tl.store(Out + out_offs, y.to(Out.dtype.element_ty), mask=mask)
 
 
-def _channel_block(cpg: int) -> tuple[int, int]:
-    """(BLOCK_C, groups per block): whole groups in 128 columns, or 256 where 128 would waste
-    over a quarter (cpg 80: 80 of 128 used, 240 of 256), or one group padded to a power of two."""
-    if cpg <= 128 and (128 // cpg) * cpg >= 96:
-        return 128, 128 // cpg
-    if cpg <= 256:
-        return 256, 256 // cpg
-    return C.next_pow2(cpg), 1
+def _group_block(cpg: int) -> tuple[int, int]:
+    """(GP, CP): groups per program and channels per group padded to a power of two, 128 lanes."""
+    cp = C.next_pow2(cpg)
+    return max(1, 128 // cp), cp
 
 
-def num_warps(block_c: int, block_hw: int) -> int:
-    """~32 fp32 tile elements per thread: with 64 (4 warps on 64 x 128) ptxas (sm_90a) gives the
-    apply kernel 208 registers, with 32 it needs 94, for more resident programs per SM."""
-    return min(16, max(4, block_c * block_hw // 1024))
+TILE = 8192  # elements of one program's tile (lanes x pixels)
+
+
+def num_warps(lanes: int, block_hw: int) -> int:
+    """~32 fp32 tile elements per thread. With 4 warps on a 64 x 128 tile ptxas (sm_90a, NHWC)
+    gives the kernels 112-236 registers (Triton 3.6 and 3.9); with 8, 80-152: more resident
+    programs per SM for a memory-bound pass."""
+    return min(16, max(4, lanes * block_hw // 1024))
 
 
 def _vector(name: str, t, channels: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -204,23 +205,23 @@ def group_norm(
         return out
 
     cpg = channels // groups
-    block_c, gpb = _channel_block(cpg)
-    gp = max(2, C.next_pow2(gpb))
-    n_cblocks = triton.cdiv(groups, gpb)
+    gp, cp = _group_block(cpg)
+    block_hw = min(block_hw, max(16, TILE // (gp * cp)))  # only groups wider than 128 channels shrink it
+    n_gblocks = triton.cdiv(groups, gp)
     chunks = triton.cdiv(hw, block_hw)
     part = torch.empty(bsz, chunks, groups, 2, device=device, dtype=torch.float32)
     sx = (x.stride(0), x.stride(1), x.stride(3))
     ss = (0, 0) if shift is None else shift.stride()
-    common = dict(GPB=gpb, GP=gp, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=num_warps(block_c, block_hw))
-    _group_norm_stats_kernel[(bsz, n_cblocks, chunks)](
-        x, shift, part, hw, channels, cpg, groups, chunks, *sx, *ss, **common)
+    common = dict(GP=gp, CP=cp, BLOCK_HW=block_hw, num_warps=num_warps(gp * cp, block_hw))
+    _group_norm_stats_kernel[(bsz, n_gblocks, chunks)](
+        x, shift, part, hw, cpg, groups, chunks, *sx, *ss, **common)
     if tiles is None:
         # Enough programs for ~4 waves; more chunks per program amortise the partials' merge.
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        tiles = max(1, chunks * bsz * n_cblocks // (4 * sms))
+        tiles = max(1, chunks * bsz * n_gblocks // (4 * sms))
     tiles = max(1, min(int(tiles), chunks))
-    _group_norm_apply_kernel[(bsz, n_cblocks, triton.cdiv(chunks, tiles))](
-        x, shift, weight, bias, part, out, hw, channels, cpg, groups, chunks, tiles, float(eps),
+    _group_norm_apply_kernel[(bsz, n_gblocks, triton.cdiv(chunks, tiles))](
+        x, shift, weight, bias, part, out, hw, cpg, groups, chunks, tiles, float(eps),
         *sx, *ss, out.stride(0), out.stride(1), out.stride(3),
         BLOCK_S=min(C.next_pow2(chunks), 32), SILU=bool(silu), **common)
     return out
