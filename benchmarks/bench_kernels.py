@@ -182,7 +182,8 @@ def bench_group_norm(args, torch, dtype, timer, device, cases):
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"# pidrt kernel benchmark: {meta['device']} ({meta['dtype']})",
+        f"# pidrt kernel benchmark: {meta['device']} ({meta['dtype']})"
+        f"{'' if meta['complete'] else ' (INCOMPLETE: the run stopped early)'}",
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}, {meta['date']}. "
         f"Median ms ({meta['timing']}). Floor = max(bytes / {meta['peak_bw']:.3g} B/s, "
@@ -235,14 +236,19 @@ def main(argv=None) -> int:
     few = SMOKE["few_token"] if args.smoke else FEW_TOKEN_CASES
     levels, cross = (SMOKE["dual_kv"], SMOKE["cross"]) if args.smoke else (DUAL_KV_LEVELS, CROSS_TOKENS)
     norms = SMOKE["group_norm"] if args.smoke else GROUP_NORM_CASES
-    rows = (bench_few_token(args, torch, dtype, timer, device, few)
-            + bench_dual_kv(args, torch, dtype, timer, device, levels, cross)
-            + bench_group_norm(args, torch, dtype, timer, device, norms))
-    meta = common.run_meta(device, dtype=args.dtype, batch=args.batch, heads=args.heads, tokens=args.tokens,
-                           peak_flops=args.peak_flops, peak_bw=args.peak_bw, peaks_are_nominal=True,
-                           smoke=args.smoke, sweep=args.sweep, timing="triton.testing.do_bench median" if device.type == "cuda"
-                           else "perf_counter median (interpreter: meaningless)")
-    common.write_outputs(args.out, {"meta": meta, "rows": rows}, markdown(meta, rows))
+    run = common.run_meta(device, dtype=args.dtype, batch=args.batch, heads=args.heads, tokens=args.tokens,
+                          peak_flops=args.peak_flops, peak_bw=args.peak_bw, peaks_are_nominal=True,
+                          smoke=args.smoke, sweep=args.sweep, timing="triton.testing.do_bench median" if device.type == "cuda"
+                          else "perf_counter median (interpreter: meaningless)")
+    sections = [lambda: bench_few_token(args, torch, dtype, timer, device, few),
+                lambda: bench_dual_kv(args, torch, dtype, timer, device, levels, cross),
+                lambda: bench_group_norm(args, torch, dtype, timer, device, norms)]
+    rows = []
+    for i, section in enumerate(sections):
+        rows += section()
+        # Rewritten after every kernel: a run stopped by a time limit keeps what it measured.
+        meta = {**run, "complete": i == len(sections) - 1}
+        common.write_outputs(args.out, {"meta": meta, "rows": rows}, markdown(meta, rows), echo=meta["complete"])
     return 0
 
 

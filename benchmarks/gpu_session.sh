@@ -79,13 +79,13 @@ if [[ "$SET" == tuning ]]; then
 fi
 stage pytest-gpu 140 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu.xml" \
     tests/kernels tests/engines/test_fast_torch.py tests/identity/test_device_cache.py
-stage kernels 50 python3 benchmarks/bench_kernels.py --out "$RES/kernels"
+stage kernels 60 python3 benchmarks/bench_kernels.py --out "$RES/kernels"
 # Besides the fast backend: with the fused GroupNorm+SiLU kernel (off by default until this
 # measures it), without the Triton kernels (EAA as two SDPA calls: is the fused pass worth it?)
 # and without channels_last (the default, unmeasured; torch's GroupNorm converts it back).
 stage unet-step 180 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step" --profile \
     --variants fast,fused-norms,no-kernels,nchw
-stage generation 150 python3 benchmarks/bench_generation.py --out "$RES/generation"
+stage generation 140 python3 benchmarks/bench_generation.py --out "$RES/generation"
 
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"
