@@ -141,9 +141,10 @@ TILE = 8192  # elements of one program's tile (lanes x pixels)
 
 
 def num_warps(lanes: int, block_hw: int) -> int:
-    """~32 fp32 tile elements per thread. With 4 warps on a 64 x 128 tile ptxas (sm_90a, NHWC)
-    gives the kernels 112-236 registers (Triton 3.6 and 3.9); with 8, 80-152: more resident
-    programs per SM for a memory-bound pass."""
+    """~32 fp32 tile elements per thread. On a 64 x 128 tile with 4 warps ptxas (sm_90a) gives
+    the kernels 72-168 registers at SD1.5 shapes (Triton 3.6 and 3.9, both layouts); with 8,
+    48-128: more resident programs per SM for a memory-bound pass
+    (benchmarks/results/kernel-resources-sm90-group-norm-2026-12-01.md)."""
     return min(16, max(4, lanes * block_hw // 1024))
 
 

@@ -137,43 +137,47 @@ from triton.compiler import ASTSource
 from pidrt.kernels import group_norm as gn
 from pidrt.kernels.catalog import ptxas_report
 
+DIV16 = ("HW", "G", "S", "sxb", "sxc", "sxhw", "sob", "soc", "sohw", "sshb")
+
+
 def build(kernel, pointers, constexprs):
     names = list(kernel.arg_names)
     constexprs = {n: v for n, v in constexprs.items() if n in names}
     sig = {n: "constexpr" if n in constexprs else pointers.get(n) or ("fp32" if n == "eps" else "i32")
            for n in names}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    # What Triton's JIT specialises at SD1.5 shapes: pointers, pixel counts, group counts and the
+    # non-unit strides are multiples of 16 (without these hints the NCHW apply kernel spills).
+    div = [n for n in names if n not in constexprs and (sig[n].startswith("*") or n in DIV16)]
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div})
     warps = gn.num_warps(constexprs["GP"] * constexprs["CP"], constexprs["BLOCK_HW"])
     done = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    return {"name": kernel.__name__, "cpg": cpg, **ptxas_report(done.asm["ptx"], 90),
-            "shared": done.metadata.shared}
+    return {"name": kernel.__name__, **ptxas_report(done.asm["ptx"], 90), "shared": done.metadata.shared}
 
 rows = []
 for cpg in (10, 80):  # 8 groups of 16 lanes (320 channels), one group of 128 (2560), fp16
     gp, cp = gn._group_block(cpg)
-    # channels_last, as the fast backend runs it: Triton's JIT specialises the unit channel strides
-    common = {"GP": gp, "CP": cp, "BLOCK_HW": 64, "sxc": 1, "soc": 1, "sshc": 1}
-    rows.append(build(gn._group_norm_stats_kernel, {"X": "*fp16", "Shift": "*fp16", "Part": "*fp32"}, common))
-    rows.append(build(gn._group_norm_apply_kernel, {"X": "*fp16", "Shift": "*fp16", "W": "*fp16",
-                      "Bias": "*fp16", "Part": "*fp32", "Out": "*fp16"}, {**common, "BLOCK_S": 32, "SILU": True}))
+    for unit in (("sxc", "soc", "sshc"), ("sxhw", "sohw", "sshc")):  # NHWC, NCHW: the JIT fixes unit strides
+        common = {"GP": gp, "CP": cp, "BLOCK_HW": 64, **{u: 1 for u in unit}}
+        rows.append(build(gn._group_norm_stats_kernel, {"X": "*fp16", "Shift": "*fp16", "Part": "*fp32"}, common))
+        rows.append(build(gn._group_norm_apply_kernel, {"X": "*fp16", "Shift": "*fp16", "W": "*fp16",
+                          "Bias": "*fp16", "Part": "*fp32", "Out": "*fp16"}, {**common, "BLOCK_S": 32, "SILU": True}))
 json.dump(rows, sys.stdout)
 """
 
 
 def test_both_kernels_compile_for_hopper_without_spills():
-    # NHWC only: in NCHW the per-channel parameters are spread over more registers per thread and
-    # the apply kernel spills a few bytes (16 at 255 registers, Triton 3.6 and 3.9 alike); the
-    # fast backend runs channels_last.
+    # benchmarks/results/kernel-resources-sm90-group-norm-2026-12-01.md: every SD1.5 width, both
+    # layouts, Triton 3.6 (the GPU machine's) and 3.9 (CI's); here the narrowest and widest groups.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout)
-    assert [r["name"] for r in rows] == ["_group_norm_stats_kernel", "_group_norm_apply_kernel"] * 2
+    assert [r["name"] for r in rows] == ["_group_norm_stats_kernel", "_group_norm_apply_kernel"] * 4
     assert all(r["spill_store_bytes"] == 0 and r["shared"] <= 48 * 1024 for r in rows), rows
-    # Triton 3.6 (the GPU machine's) needs up to 152; see num_warps.
-    assert all(r["registers"] <= 160 for r in rows), rows
+    assert all(r["registers"] <= 128 for r in rows), rows  # see num_warps
 
 
 @pytest.mark.gpu
