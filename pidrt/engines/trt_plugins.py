@@ -13,6 +13,12 @@ this module has never run: tests skip it with that reason (docs/engines.md).
 
 No ``from __future__ import annotations`` here: ``tensorrt.plugin`` validates the decorated
 functions' annotations with ``inspect.signature`` and ``issubclass``, so they must be real types.
+
+The int attributes (n_tokens, heads) are declared as one-element int32 arrays, not ``int``:
+TensorRT's ONNX parser hands an INT attribute over as a length-1 int32 PluginField, and
+``tensorrt.plugin`` rebuilds a scalar-annotated one with ``int(field.data)``, which NumPy >= 2.4
+refuses for a 1-D array (TypeError; NumPy 1.25-2.3 warn). Array-annotated fields are rebuilt
+with ``.astype`` instead.
 """
 
 import hashlib
@@ -32,6 +38,16 @@ def kernels_fingerprint() -> str:
     for name in ("aot.py", "few_token.py", "dual_kv.py", "_common.py"):
         digest.update((root / name).read_bytes())
     return digest.hexdigest()
+
+
+def _int_attr(value, what: str) -> int:
+    """An int attribute as the plugin receives it (a one-element int32 array)."""
+    import numpy as np
+
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise PidrtError(f"{what} must be one integer, got {flat.tolist()}")
+    return int(flat[0])
 
 
 def _constant(expr, what: str) -> int:
@@ -77,6 +93,8 @@ def register() -> None:
         raise PidrtError(f"plugin graphs need TensorRT >= 10.10 (ahead-of-time plugins); this is {trt.__version__}. "
                          "Export without --trt-plugins for this TensorRT.")
     require("triton", "kernels")
+    import numpy as np
+    import numpy.typing as npt
     import torch
 
     from pidrt.kernels import dual_kv, few_token
@@ -89,12 +107,13 @@ def register() -> None:
         raise PidrtError(f"pidrt plugins take float16 or float32 tensors, got {desc.dtype}")
 
     same_types = lambda n: trtp.AutoTuneCombination(", ".join(["FP32|FP16"] * n))
+    int_attr = npt.NDArray[np.int32]  # see the module docstring
     # TensorRT refuses an aot_impl without this return annotation.
     aot_result = tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
 
     @trtp.register("pidrt::few_token")
     def _few_token_desc(base: trtp.TensorDesc, x: trtp.TensorDesc, a: trtp.TensorDesc, b: trtp.TensorDesc,
-                        bias: trtp.TensorDesc, scale: trtp.TensorDesc, n_tokens: int) -> trtp.TensorDesc:
+                        bias: trtp.TensorDesc, scale: trtp.TensorDesc, n_tokens: int_attr) -> trtp.TensorDesc:
         return base.like()
 
     @trtp.autotune("pidrt::few_token")
@@ -102,7 +121,8 @@ def register() -> None:
         return [same_types(7)]
 
     @trtp.aot_impl("pidrt::few_token")
-    def _few_token_aot(base, x, a, b, bias, scale, n_tokens: int, outputs, tactic) -> aot_result:
+    def _few_token_aot(base, x, a, b, bias, scale, n_tokens: int_attr, outputs, tactic) -> aot_result:
+        n_tokens = _int_attr(n_tokens, "few_token: n_tokens")
         hn = _constant(a.shape_expr[2], "few_token: a's last dim (heads * n_tokens)")
         if hn % n_tokens:
             raise PidrtError(f"few_token: a's last dim {hn} is not heads * n_tokens (n_tokens={n_tokens})")
@@ -114,7 +134,7 @@ def register() -> None:
 
     @trtp.register("pidrt::dual_kv")
     def _dual_kv_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, k2: trtp.TensorDesc,
-                      v2: trtp.TensorDesc, sigma: trtp.TensorDesc, heads: int) -> trtp.TensorDesc:
+                      v2: trtp.TensorDesc, sigma: trtp.TensorDesc, heads: int_attr) -> trtp.TensorDesc:
         return q.like()
 
     @trtp.autotune("pidrt::dual_kv")
@@ -122,7 +142,8 @@ def register() -> None:
         return [same_types(7)]
 
     @trtp.aot_impl("pidrt::dual_kv")
-    def _dual_kv_aot(q, k, v, k2, v2, sigma, heads: int, outputs, tactic) -> aot_result:
+    def _dual_kv_aot(q, k, v, k2, v2, sigma, heads: int_attr, outputs, tactic) -> aot_result:
+        heads = _int_attr(heads, "dual_kv: heads")
         channels = _constant(q.shape_expr[2], "dual_kv: channels")
         if channels % heads:
             raise PidrtError(f"dual_kv: {channels} channels do not split into {heads} heads")

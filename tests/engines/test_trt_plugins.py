@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 
 STAND_IN = r'''
 import inspect, json, sys, types, typing
+import numpy as np
 
 # Modelled on tensorrt.plugin's Python sources (NVIDIA/TensorRT python/packaging/bindings_wheel/
 # tensorrt/plugin: _tensor.py, _validate.py, _plugin_class.py), down to what it rejects.
@@ -108,6 +109,19 @@ class AutoTuneCombination:
         self.layouts = [f.strip() for f in layouts.split(",")]
 
 plugins = {}
+SERIALIZABLE_NP = (np.int8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64, np.bool_)
+
+def np_dtype(annotation):
+    # numpy.typing.NDArray[dtype] -> dtype (tensorrt.plugin's _infer_numpy_type); None otherwise
+    if typing.get_origin(annotation) is not np.ndarray:
+        return None
+    return typing.get_args(typing.get_args(annotation)[1])[0]
+
+def create_plugin_attr(annotation, data):
+    # tensorrt.plugin's create_plugin: arrays through astype, scalars through the annotation
+    # (int(a length-1 array): a TypeError on NumPy >= 2.4, as in TensorRT)
+    dtype = np_dtype(annotation)
+    return data.astype(dtype) if dtype is not None else annotation(data)
 
 def register(plugin_id):
     def decorator(fn):
@@ -122,7 +136,9 @@ def register(plugin_id):
                 if attrs:
                     raise ValueError("TensorDescs args and attribute args cannot be interspersed")
                 tensors.append(name)
-            elif p.annotation in (int, float, bytes, bool, str) and name not in ("outputs", "stream", "tactic"):
+            elif name in ("outputs", "stream", "tactic"):
+                raise ValueError(f"'{name}' is not allowed as a plugin attribute name.")
+            elif p.annotation in (int, float, bytes, bool, str) or np_dtype(p.annotation) in SERIALIZABLE_NP:
                 attrs[name] = p.annotation
             else:
                 raise ValueError(f"Attribute '{name}' of type {p.annotation} is not supported")
@@ -142,7 +158,7 @@ def _attr_names(fn, plugin, tail):
                 if not issubclass(p.annotation, int):
                     raise ValueError("'tactic' input argument should be an int")
             elif not issubclass(p.annotation, TensorDesc):
-                if plugin["attrs"].get(name) is not p.annotation:
+                if plugin["attrs"].get(name) != p.annotation:
                     raise ValueError(f"Attribute '{name}' has a type annotation different from registration")
         if name in plugin["attrs"]:
             names.append(name)
@@ -210,29 +226,76 @@ aot.driver_ptx_version = lambda: 84  # a CUDA 12.4 driver: older than Triton's p
 trt_plugins.register()
 trt_plugins.register()  # idempotent (TensorRT refuses a second definition)
 
+def parse(node):
+    # onnx-tensorrt's FallbackPluginImporter: the creator is (op_type, plugin_version or "1",
+    # plugin_namespace or ""), the node's domain only a fallback namespace; a field is made for
+    # each attribute the creator registered (an ONNX INT as a length-1 int32 array), others are
+    # dropped; aot != 0 asks for the AOT implementation. tensorrt.plugin's create_plugin then
+    # converts each field with its annotation.
+    import onnx
+
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    namespace = attrs.get("plugin_namespace", b"").decode()
+    assert attrs.get("plugin_version", b"1").decode() == "1"  # tensorrt.plugin registers version "1"
+    plugin_id = f"{namespace}::{node.op_type}"
+    if plugin_id not in plugins:
+        plugin_id = f"{node.domain}::{node.op_type}"
+    plugin = plugins[plugin_id]
+    fields = {n: np.array([attrs[n]], dtype=np.int32) for n in plugin["attrs"] if n in attrs}
+    converted = {n: create_plugin_attr(plugin["attrs"][n], v) for n, v in fields.items()}
+    return plugin_id, converted, attrs.get("aot", 0) != 0
+
+import onnx
+nodes = {n.op_type: parse(n) for n in onnx.load(sys.argv[1]).graph.node if n.op_type in ("few_token", "dual_kv")}
 d = lambda *s: TensorDesc(s)
-out = {"registered": sorted(plugins),
-       "few_token": build("pidrt::few_token", [d("B", "N", 320), d("B", "N", 320), d("B", 320, 32),
-                                               d("B", 32, 320), d("B", 320), d("B")], {"n_tokens": 4}),
-       "dual_kv": build("pidrt::dual_kv", [d("B", "N", 640), d("B", 77, 640), d("B", 77, 640), d("B", "M", 640),
-                                           d("B", "M", 640), d("B")], {"heads": 8})}
+as_json = lambda attrs: {n: [v.tolist(), str(v.dtype)] for n, v in attrs.items()}  # noqa: E731
+out = {"registered": sorted(plugins), "parsed": {k: [v[0], as_json(v[1]), v[2]] for k, v in nodes.items()},
+       "few_token": build(nodes["few_token"][0], [d("B", "N", 320), d("B", "N", 320), d("B", 320, 32),
+                                                  d("B", 32, 320), d("B", 320), d("B")], nodes["few_token"][1]),
+       "dual_kv": build(nodes["dual_kv"][0], [d("B", "N", 640), d("B", 77, 640), d("B", 77, 640), d("B", "M", 640),
+                                              d("B", "M", 640), d("B")], nodes["dual_kv"][1])}
 try:
     build("pidrt::few_token", [d("B", "N", 320), d("B", "N", "C"), d("B", 320, 32), d("B", 32, 320), d("B", 320),
-                               d("B")], {"n_tokens": 4})
+                               d("B")], nodes["few_token"][1])
 except Exception as exc:
     out["dynamic_channels"] = str(exc)
 json.dump(out, sys.stdout)
 '''
 
 
-def test_aot_impls_translate_the_launch_plans():
+def _plugin_nodes_graph(path) -> str:
+    """One few_token (n_tokens 4) and one dual_kv (heads 8) node, written by pidrt's exporter symbolics."""
+    import warnings
+
+    from pidrt.export.plugin_nodes import _DualKV, _FewToken
+
+    class Nodes(torch.nn.Module):
+        def forward(self, base, x, a, b, bias, scale, q, k, v, k2, v2, sigma):
+            return _FewToken.apply(base, x, a, b, bias, scale, 4), _DualKV.apply(q, k, v, k2, v2, sigma, 8)
+
+    r = torch.randn
+    inputs = (r(1, 3, 16), r(1, 3, 16), r(1, 16, 32), r(1, 32, 16), r(1, 16), r(1),
+              r(1, 3, 16), r(1, 5, 16), r(1, 5, 16), r(1, 2, 16), r(1, 2, 16), r(1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*dynamo=False.*")
+        torch.onnx.export(Nodes(), inputs, str(path), opset_version=18, dynamo=False)
+    return str(path)
+
+
+def test_aot_impls_translate_the_launch_plans(tmp_path):
+    pytest.importorskip("onnx")
+    graph = _plugin_nodes_graph(tmp_path / "nodes.onnx")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    done = subprocess.run([sys.executable, "-c", STAND_IN], capture_output=True, text=True, env=env, timeout=600,
-                          check=False)
+    done = subprocess.run([sys.executable, "-c", STAND_IN, graph], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout)
     assert r["registered"] == ["pidrt::dual_kv", "pidrt::few_token"]
+    # The exported nodes resolve to the registered plugins as TensorRT's parser resolves them, with
+    # their attributes (and only those) as ints, and ask for the AOT implementation.
+    assert r["parsed"] == {"few_token": ["pidrt::few_token", {"n_tokens": [[4], "int32"]}, True],
+                           "dual_kv": ["pidrt::dual_kv", {"heads": [[8], "int32"]}, True]}
 
     few = r["few_token"]
     assert few["types"] == [", ".join(["FP32|FP16"] * 7)]  # six inputs and the output, all one type
