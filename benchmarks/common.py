@@ -41,6 +41,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton identity kernels (default: on with CUDA, or with TRITON_INTERPRET=1)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--fused-norms", action="store_true",
+                   help="GroupNorm(+SiLU) as a Triton kernel pair (the candidate; off by default until measured)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (inside the graphs)")
     g.add_argument("--compile-mode", default=None)
     g.add_argument("--sdpa-backend", default="auto",
@@ -71,6 +73,7 @@ def fast_config(args):
     cuda = torch.device(args.device).type == "cuda"
     kernels = args.kernels if args.kernels is not None else (cuda or os.environ.get("TRITON_INTERPRET") == "1")
     return FastTorchConfig(dtype=dtype_of(args), channels_last=args.channels_last, kernels=kernels,
+                           fused_norms=args.fused_norms,
                            cuda_graphs=args.graphs if args.graphs is not None else cuda,
                            compile=args.compile, compile_mode=args.compile_mode, sdpa_backend=args.sdpa_backend)
 
