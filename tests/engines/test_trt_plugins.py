@@ -276,8 +276,8 @@ def _plugin_nodes_graph(path) -> str:
     r = torch.randn
     inputs = (r(1, 3, 16), r(1, 3, 16), r(1, 16, 32), r(1, 32, 16), r(1, 16), r(1),
               r(1, 3, 16), r(1, 5, 16), r(1, 5, 16), r(1, 2, 16), r(1, 2, 16), r(1))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*dynamo=False.*")
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices, as in pidrt's exporter
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(Nodes(), inputs, str(path), opset_version=18, dynamo=False)
     return str(path)
 
