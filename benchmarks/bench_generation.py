@@ -157,10 +157,20 @@ def main(argv=None) -> int:
         unet.encoder_hid_proj = MultiIPAdapterImageProjection([copy.deepcopy(ip_weights.image_proj)]).to(device, dtype)
         unet.config.encoder_hid_dim_type = "ip_image_proj"
 
-    rows, images = [], {}
+    rows, images, failed = [], {}, {}
 
     def measure(backend: str, method: str, run, unet_call, baseline: str | None):
+        """One row; a failure (e.g. a kernel that does not compile on this GPU) is reported and the
+        run goes on, so one lease brings back every row that works."""
         print(f"{backend} {method} ...", file=sys.stderr)
+        try:
+            _measure(backend, method, run, unet_call, baseline)
+        except Exception as exc:  # noqa: BLE001 - any failure of one row
+            failed[f"{backend}/{method}"] = common.failure(f"{backend} {method}", exc)
+            images.pop((backend, method), None)
+        write(False)
+
+    def _measure(backend: str, method: str, run, unet_call, baseline: str | None):
         with torch.no_grad():
             first_clock = StepClock(device, args.steps)
             common.sync(device)
@@ -207,7 +217,7 @@ def main(argv=None) -> int:
             f"{b}/{m} vs diffusers/{m}": float((images[(b, m)] - images[("diffusers", m)]).abs().max())
             for b, m in images if b != "diffusers" and ("diffusers", m) in images
         }
-        meta = {**run, "complete": final}
+        meta = {**run, "complete": final, "failed": failed}
         table = [[r["backend"], r["method"], r["s_per_image"], r["unet_it_per_s"], r["first_s"], r["peak_gib"],
                   r["peak_above_start_gib"], (r["unet_flops_per_step"] or 0) / 1e12, r["pct_of_peak"],
                   f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if r.get("speedup_vs_baseline") else ""]
@@ -229,16 +239,15 @@ def main(argv=None) -> int:
             "Max abs image difference against diffusers (same noise, weights, scheduler): "
             + ", ".join(f"{k}: {v:.3g}" for k, v in agreement.items()),
             "",
+            *(f"FAILED {k}: {why}" for k, why in failed.items()),
         ])
         common.write_outputs(args.out, {"meta": meta, "rows": rows, "image_max_abs_diff": agreement,
                                         "fast_backend": fast.report()}, md, echo=final)
 
     # diffusers first, base then IP-Adapter (the processors change in place)
     measure("diffusers", "base", diffusers_run(False), lambda: _diffusers_step(dpipe, False), None)
-    write(False)
     install_ip(dpipe.unet)
     measure("diffusers", "ip", diffusers_run(True), lambda: _diffusers_step(dpipe, True), None)
-    write(False)
     cases = {"base": (None, 0.0), "ip": (conds["ip"], args.ip_scale), "sca": (conds["sca"], args.sca_scale)}
     pidrt = [("pidrt-fast", fast)] + ([] if args.no_reference else [("pidrt-reference", reference)])
     for backend, pipe in pidrt:
@@ -247,7 +256,6 @@ def main(argv=None) -> int:
             measure(backend, method, pidrt_run(pipe, cond, scale),
                     lambda pipe=pipe, cond=cond, scale=scale: _pidrt_step(pipe, sampling, args.prompt, seed, cond, scale),
                     baseline)
-            write(False)
     print(f"device: {run['device']} (peak for %: {args.peak_flops:.3g} flop/s, nominal)",
           file=sys.stderr)
     write(True)

@@ -90,7 +90,14 @@ def main(argv=None) -> int:
     conds, _, _ = common.few_token_conditions(models, layers, args.seed)
     reference = Pipeline(models, device, dtype)
     base_config = common.fast_config(args)
-    fast = {v: make_fast(reference, dataclasses.replace(base_config, **VARIANTS[v])) for v in variants}
+    # A variant that fails (to build, or on its first step: a kernel that does not compile on this
+    # GPU) is reported as failed and the run goes on: one lease should bring back the others.
+    fast, failed = {}, {}
+    for v in variants:
+        try:
+            fast[v] = make_fast(reference, dataclasses.replace(base_config, **VARIANTS[v]))
+        except Exception as exc:  # noqa: BLE001 - any failure of one variant
+            failed[v] = common.failure(f"variant {v}", exc)
 
     b, dim = args.batch, preset.unet.cross_attention_dim
     gen = torch.Generator().manual_seed(args.seed)
@@ -118,22 +125,22 @@ def main(argv=None) -> int:
         names = ["reference", *variants]
         base = results.get("base")
         for case, r in results.items():
-            ratio = {k: (r[k] / base[k] if base else None) for k in names}
+            ratio = {k: (r[k] / base[k] if base and r[k] and base[k] else None) for k in names}
             target = TARGETS.get(case)
             row = {"case": case, "ms": {k: r[k] for k in names}, "ratio_to_base": ratio,
-                   "speedup_vs_reference": {v: r["reference"] / r[v] for v in variants},
+                   "speedup_vs_reference": {v: r["reference"] / r[v] if r[v] else None for v in variants},
                    "flops_per_step": flops[case], "target_ratio": target,
                    "target_met": {k: (ratio[k] < target if target and ratio[k] else None) for k in names},
                    "vs_reference": errors[case]}
             rows.append(row)
             met = row["target_met"][variants[0]]
             table.append([case, r["reference"], _ratio(ratio["reference"]),
-                          *(x for v in variants for x in (r[v], _ratio(ratio[v]))),
-                          f"< {100 * (target - 1):.0f}%: {'met' if met else 'NOT met'}" if target and base else "",
-                          flops[case] / 1e12, errors[case][variants[0]]["rel_l2"]])
+                          *(x for v in variants for x in (r[v] or "failed", _ratio(ratio[v]))),
+                          f"< {100 * (target - 1):.0f}%: {'met' if met else 'NOT met'}" if target and met is not None
+                          else "", flops[case] / 1e12, errors[case][variants[0]].get("rel_l2", "failed")])
 
-        meta = {**run, "complete": final}
-        reports = {v: fast[v].report() for v in variants}
+        meta = {**run, "complete": final, "failed": failed}
+        reports = {v: fast[v].report() if v in fast else {"failed": failed[v]} for v in variants}
         first = reports[variants[0]]
         md = "\n".join([
             f"# UNet step: {meta['device']}, {preset.name} {height}x{width}, batch {b}, {str(dtype).removeprefix('torch.')}"
@@ -142,14 +149,16 @@ def main(argv=None) -> int:
             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}, "
             f"{meta['date']}. Medians in ms ({meta['timing']}); overhead = step / base step of the same backend, "
             "same run. Random weights. reference = Pipeline.unet (eager torch); "
-            + "; ".join(f"{v} = make_fast ({_describe(reports[v]['config'])})" for v in variants) + ".",
+            + "; ".join(f"{v} = make_fast ({_describe(reports[v]['config']) if v in fast else 'failed'})"
+                    for v in variants) + ".",
             "",
             common.md_table(["case", "reference ms", "reference overhead",
                              *(x for v in variants for x in (f"{v} ms", f"{v} overhead")),
                              f"target ({variants[0]})", "TFLOP/step", f"rel err {variants[0]}"], table),
             "",
-            f"SDPA backend chosen by {variants[0]}: {_sdpa(first)}.",
-            f"CUDA graphs ({variants[0]}): {first['graphs']}.",
+            *(f"FAILED {v}: {why}" for v, why in failed.items()),
+            f"SDPA backend chosen by {variants[0]}: {_sdpa(first) if 'sdpa' in first else 'failed'}.",
+            f"CUDA graphs ({variants[0]}): {first.get('graphs', 'failed')}.",
             "",
             *(_profile_md(variants[0], case, top) for case, top in profiles.items()),
         ])
@@ -160,22 +169,33 @@ def main(argv=None) -> int:
     for case in cases:
         layers_payload = payloads(case)
         outs = {}
-        for name, pipe in (("reference", reference), *fast.items()):
+        results[case] = {v: None for v in variants}
+        for name, pipe in (("reference", reference), *((v, fast[v]) for v in variants if v not in failed)):
             pipe.state.layers = layers_payload
             pipe.state.scale = torch.full((b,), 0.0 if case == "base" else args.scale, device=device, dtype=dtype)
             step = lambda pipe=pipe: pipe.unet(x, t, ctx)  # noqa: E731
-            outs[name] = step().float()  # first call: SDPA choice and graph capture happen here
-            results.setdefault(case, {})[name] = common.median_ms(step, device, args.warmup, args.rep)
-            if name == "reference":
-                flops[case] = common.count_flops(step)
-            elif args.profile and name == variants[0]:
-                profiles[case] = _profile(step, device, args.profile_top)
-            pipe.state.clear()
+            try:
+                outs[name] = step().float()  # first call: SDPA choice and graph capture happen here
+                results[case][name] = common.median_ms(step, device, args.warmup, args.rep)
+                if name == "reference":
+                    flops[case] = common.count_flops(step)
+                elif args.profile and name == variants[0]:
+                    profiles[case] = _profile(step, device, args.profile_top)
+            except Exception as exc:  # noqa: BLE001 - see `failed` above; the reference must work
+                if name == "reference":
+                    raise
+                failed[name] = f"{case}: {common.failure('variant ' + name, exc)}"
+                outs.pop(name, None)
+                results[case][name] = None
+            finally:
+                pipe.state.clear()
         want = outs["reference"]
         errors[case] = {v: {"rel_l2": float((outs[v] - want).norm() / want.norm().clamp_min(1e-12)),
                             "max_abs": float((outs[v] - want).abs().max()),
-                            "finite": bool(torch.isfinite(outs[v]).all())} for v in variants}
-        print(f"{case}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in results[case].items()), file=sys.stderr)
+                            "finite": bool(torch.isfinite(outs[v]).all())} if v in outs else {"failed": failed[v]}
+                        for v in variants}
+        print(f"{case}: " + ", ".join(f"{k} {v:.3f} ms" if v else f"{k} failed" for k, v in results[case].items()),
+              file=sys.stderr)
         write(final=False)
     write(final=True)
     return 0
@@ -225,7 +245,7 @@ def _ratio(r) -> str:
 
 
 def _describe(cfg: dict) -> str:
-    on = [k for k in ("channels_last", "kernels", "cuda_graphs", "compile") if cfg.get(k)]
+    on = [k for k in ("channels_last", "kernels", "fused_norms", "cuda_graphs", "compile") if cfg.get(k)]
     return f"{cfg['dtype'].removeprefix('torch.')}, sdpa {cfg['sdpa_backend']}, " + ", ".join(on or ["no extras"])
 
 

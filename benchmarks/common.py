@@ -187,6 +187,16 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def failure(what: str, exc: BaseException) -> str:
+    """One line on a failed measurement for the report; the traceback goes to stderr (the session log)."""
+    import traceback
+
+    print(f"{what} failed:", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
 def write_outputs(out: str, payload: dict, markdown: str, echo: bool = True) -> tuple[Path, Path]:
     path = Path(out)
     stem = path.with_suffix("") if path.suffix in (".json", ".md") else path

@@ -87,6 +87,55 @@ def test_bench_unet_step_smoke(tmp_path, capsys):
         dataclasses.replace(FastTorchConfig(), **changes)
 
 
+def test_bench_unet_step_reports_a_failing_variant_and_goes_on(tmp_path, monkeypatch):
+    import pidrt.engines.fast_torch as fast_torch
+
+    bench, out = _bench("bench_unet_step"), tmp_path / "step"
+    make_fast = fast_torch.make_fast
+
+    def flaky(pipe, config, **kw):  # the variant marked max_buckets=7 fails on its first step
+        made = make_fast(pipe, config, **kw)
+        if config.max_buckets == 7:
+            made.unet = lambda *a: (_ for _ in ()).throw(RuntimeError("kernel does not compile\ndetails"))
+        return made
+
+    monkeypatch.setattr(fast_torch, "make_fast", flaky)
+    monkeypatch.setitem(bench.VARIANTS, "cudnn-on-cpu", {"sdpa_backend": "cudnn"})  # refused when built
+    monkeypatch.setitem(bench.VARIANTS, "late", {"max_buckets": 7})
+    assert bench.main(["--out", str(out), "--preset", "tiny", "--device", "cpu", "--no-kernels", "--cases",
+                       "base,sca", "--variants", "fast,cudnn-on-cpu,late", "--warmup", "1", "--rep", "3"]) == 0
+    result = _outputs(out)
+    failed = result["meta"]["failed"]
+    assert failed["cudnn-on-cpu"].startswith("PidrtError: sdpa_backend 'cudnn' needs a CUDA device")
+    assert failed["late"] == "base: RuntimeError: kernel does not compile"
+    for row in result["rows"]:
+        assert row["ms"]["fast"] > 0 and row["ms"]["cudnn-on-cpu"] is None and row["ms"]["late"] is None
+        assert row["vs_reference"]["late"] == {"failed": failed["late"]}
+    assert "FAILED late: base: RuntimeError" in out.with_suffix(".md").read_text()
+
+
+def test_bench_generation_reports_a_failing_row_and_goes_on(tmp_path, monkeypatch):
+    import pidrt.engines.fast_torch as fast_torch
+
+    make_fast = fast_torch.make_fast
+
+    def broken(pipe, config, **kw):
+        made = make_fast(pipe, config, **kw)
+        made.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kernel does not compile"))
+        return made
+
+    monkeypatch.setattr(fast_torch, "make_fast", broken)
+    out = tmp_path / "gen"
+    assert _bench("bench_generation").main(["--out", str(out), "--preset", "tiny", "--device", "cpu",
+                                            "--no-kernels", "--steps", "2", "--repeats", "1"]) == 0
+    result = _outputs(out)
+    assert result["meta"]["complete"]
+    assert result["meta"]["failed"] == {f"pidrt-fast/{m}": "RuntimeError: kernel does not compile"
+                                        for m in ("base", "ip", "sca")}
+    assert {r["backend"] for r in result["rows"]} == {"diffusers", "pidrt-reference"}
+    assert "FAILED pidrt-fast/sca" in out.with_suffix(".md").read_text()
+
+
 def test_bench_generation_smoke(tmp_path):
     out = tmp_path / "gen"
     assert _bench("bench_generation").main(["--out", str(out), "--preset", "tiny", "--device", "cpu",
