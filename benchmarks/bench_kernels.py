@@ -202,6 +202,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['kernel']} | {r['case']} | {t['triton_fused']:.4f} ({skip}) | {extra} | "
                      f"{best / t['triton_fused']:.2f}x | {r['floor_ms']:.4f} | {r['pct_of_floor']:.1f} | "
                      f"{r['max_abs_err']:.2e} |")
+    if meta.get("failed"):
+        lines += ["", *(f"FAILED {k}: {why}" for k, why in meta["failed"].items())]
     swept = [r for r in rows if r.get("sweep")]
     if swept:
         lines += ["", "Tile sweep (median ms; the default is the triton ms above):", "",
@@ -240,14 +242,17 @@ def main(argv=None) -> int:
                           peak_flops=args.peak_flops, peak_bw=args.peak_bw, peaks_are_nominal=True,
                           smoke=args.smoke, sweep=args.sweep, timing="triton.testing.do_bench median" if device.type == "cuda"
                           else "perf_counter median (interpreter: meaningless)")
-    sections = [lambda: bench_few_token(args, torch, dtype, timer, device, few),
-                lambda: bench_dual_kv(args, torch, dtype, timer, device, levels, cross),
-                lambda: bench_group_norm(args, torch, dtype, timer, device, norms)]
-    rows = []
-    for i, section in enumerate(sections):
-        rows += section()
+    sections = {"few_token": lambda: bench_few_token(args, torch, dtype, timer, device, few),
+                "dual_kv": lambda: bench_dual_kv(args, torch, dtype, timer, device, levels, cross),
+                "group_norm": lambda: bench_group_norm(args, torch, dtype, timer, device, norms)}
+    rows, failed = [], {}
+    for i, (kernel, section) in enumerate(sections.items()):
+        try:
+            rows += section()
+        except Exception as exc:  # noqa: BLE001 - a kernel that fails here must not cost the others' rows
+            failed[kernel] = common.failure(kernel, exc)
         # Rewritten after every kernel: a run stopped by a time limit keeps what it measured.
-        meta = {**run, "complete": i == len(sections) - 1}
+        meta = {**run, "complete": i == len(sections) - 1, "failed": failed}
         common.write_outputs(args.out, {"meta": meta, "rows": rows}, markdown(meta, rows), echo=meta["complete"])
     return 0
 

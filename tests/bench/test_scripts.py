@@ -62,6 +62,7 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     assert all(r["max_abs_err"] < 2e-2 and r["ms"]["triton_fused"] > 0 for r in result["rows"])
     assert result["meta"]["peaks_are_nominal"] and result["meta"]["peak_bw"] == 3.35e12  # not an H200
     assert result["meta"]["complete"] and "INCOMPLETE" not in (tmp_path / "k.md").read_text()
+    assert result["meta"]["failed"] == {}
 
 
 def test_bench_unet_step_smoke(tmp_path, capsys):
