@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pidrt.errors import PidrtError
-
 
 class FusedGroupNorm(nn.Module):
     """`norm` (its own weight and bias Parameters) run by the fused kernel, optionally + SiLU."""
@@ -102,7 +100,8 @@ def fuse_group_norms(unet: nn.Module) -> NormFusion:
             if why:
                 left[name] = why
                 continue
-            _replace(unet, name, FusedResnetBlock(module))
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent), child, FusedResnetBlock(module))  # "" is unet itself
             resnets += 1
         elif isinstance(module, Transformer2DModel) and isinstance(getattr(module, "norm", None), nn.GroupNorm):
             module.norm = FusedGroupNorm(module.norm, silu=False)
@@ -115,10 +114,3 @@ def fuse_group_norms(unet: nn.Module) -> NormFusion:
             left[name] = "not in a ResNet block, transformer input or the output norm"
     return NormFusion(resnets, transformer_norms, out_norm, left)
 
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    if not hasattr(parent, child):
-        raise PidrtError(f"cannot replace {name}: no attribute {child!r} on its parent")
-    setattr(parent, child, new)
