@@ -9,7 +9,7 @@ namespace pidrt::cuda {
 
 namespace {
 
-struct Loaded {
+struct LoadResult {
     Driver api{};
     std::string error;  // empty once loaded
 };
@@ -21,8 +21,8 @@ bool bind(void* lib, char const* name, F& fn, std::string& error) {
     return fn != nullptr;
 }
 
-Loaded load() {
-    Loaded out;
+LoadResult load() {
+    LoadResult out;
     // PIDRT_CUDA_DRIVER names another driver file (tests use it to check the no-driver path
     // on a machine that has one).
     char const* path = std::getenv("PIDRT_CUDA_DRIVER");
@@ -67,7 +67,7 @@ std::string Driver::describe(char const* call, CUresult result) const {
 
 Driver const* driver(std::string& error) {
     static std::once_flag once;
-    static Loaded loaded;
+    static LoadResult loaded;
     std::call_once(once, [] { loaded = load(); });
     if (!loaded.error.empty()) {
         error = loaded.error;

@@ -50,7 +50,7 @@ Entry const* find(Kind kind, int dtype, int32_t hp, int32_t np, int32_t head_dim
     }
     error = "no " + wanted + " kernel in this build (" + kBuildInfo + "); it has: " +
             (have.empty() ? std::string("none for this dtype") : have) +
-            ". Rebuild with the presets or dtypes that need it (-DPIDRT_KERNEL_PRESETS, -DPIDRT_KERNEL_DTYPES)";
+            ". Rebuild with the presets, dtypes or variants that need it (-DPIDRT_KERNEL_PRESETS, -DPIDRT_KERNEL_DTYPES, -DPIDRT_KERNEL_VARIANTS)";
     return nullptr;
 }
 
@@ -58,6 +58,8 @@ int few_token_variant(int dtype, int32_t heads, int32_t n_tokens, Entry const*& 
     if (dtype_name(dtype) == nullptr) return fail(PIDRT_ERR_INVALID_ARGUMENT, "unknown dtype " + std::to_string(dtype));
     if (heads < 1 || n_tokens < 1)
         return fail(PIDRT_ERR_INVALID_ARGUMENT, "few_token: heads and n_tokens must be >= 1");
+    if (heads > 256 || n_tokens > 256)
+        return fail(PIDRT_ERR_NO_KERNEL, "few_token: heads * n_tokens is more than one score tile (256) holds");
     // The score tile of pidrt/kernels/few_token.py (_score_tile): powers of two, HP*NP >= 16 for tl.dot.
     int32_t np = next_pow2(n_tokens), hp = next_pow2(heads);
     while (int64_t(hp) * np < 16) hp *= 2;
@@ -144,6 +146,7 @@ using namespace pidrt;
 extern "C" {
 
 void pidrt_few_token_contiguous(pidrt_few_token_args* a) {
+    if (a == nullptr) return;
     int64_t hn = int64_t(a->heads) * a->n_tokens;
     a->base_strides = {int64_t(a->tokens) * a->c_out, a->c_out};
     a->x_strides = {int64_t(a->tokens) * a->c_in, a->c_in};
@@ -154,6 +157,7 @@ void pidrt_few_token_contiguous(pidrt_few_token_args* a) {
 }
 
 void pidrt_dual_kv_contiguous(pidrt_dual_kv_args* a) {
+    if (a == nullptr) return;
     int64_t c = int64_t(a->heads) * a->head_dim;
     a->q_strides = {a->tokens * c, c, a->head_dim};
     a->k1_strides = a->v1_strides = {a->kv1_tokens * c, c, a->head_dim};

@@ -4,23 +4,10 @@
  * PIDRT_CUDA_DRIVER; the test reads the record through fake_last_launch().
  * FAKE_CUDA_ARCH (e.g. "80") sets the device's compute capability (default 90);
  * FAKE_CUDA_NO_CONTEXT=1 makes no context current. */
-#include <stdint.h>
+#include "fake_libcuda.h"
+
 #include <stdlib.h>
 #include <string.h>
-
-#define MAX_PARAMS 64
-
-typedef struct fake_launch {
-    uint32_t grid[3], block[3], shared;
-    void* stream;
-    int32_t num_params;        /* slots up to the first NULL one (pidrt_kernels zero-fills the rest) */
-    uint64_t as_u64[MAX_PARAMS];  /* each parameter read as 8 bytes (pointers) ... */
-    int32_t as_i32[MAX_PARAMS];   /* ... and as 4 bytes (int32 scalars) */
-    char function[128];
-    uint64_t module_bytes_seen;   /* the ELF magic of the last cubin, as 8 bytes */
-    int32_t shared_attribute;     /* the last dynamic shared memory opt-in, 0 if none */
-    int32_t launches;
-} fake_launch;
 
 static fake_launch last;
 static int context_token;

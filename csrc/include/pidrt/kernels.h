@@ -16,7 +16,8 @@
  * - `stream` is a CUstream / cudaStream_t (NULL: the legacy default stream). The launch is
  *   asynchronous; the function returns once it is queued.
  * - A CUDA context must be current on the calling thread (any CUDA runtime call makes the device's
- *   primary context current). Modules are loaded once per context, on first use.
+ *   primary context current). Modules are loaded once per context, on first use: launch each
+ *   kernel once before capturing it into a CUDA graph (loading a module is not a stream operation).
  * - The return value is a pidrt_status; on failure pidrt_last_error() says why, in words.
  * - Thread-safe.
  */
