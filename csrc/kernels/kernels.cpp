@@ -1,9 +1,11 @@
 // The C ABI of pidrt_kernels (pidrt/kernels.h): argument checks, variant lookup and the launch
 // in the kernels' plugin order (inputs, int32 scalars, output, null scratch pointers), with the
 // grids of the Launch plans in pidrt/kernels/few_token.py and dual_kv.py.
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "driver.h"
 #include "modules.h"
@@ -41,16 +43,18 @@ int32_t next_pow2(int32_t x) {
 // null with a message listing what the library has for this kernel and dtype.
 Entry const* find(Kind kind, int dtype, int32_t hp, int32_t np, int32_t head_dim, std::string const& wanted,
                   std::string& error) {
-    std::string have;
+    std::vector<std::string> have;  // labels, once each (one entry per architecture)
     for (int32_t i = 0; i < kEntryCount; ++i) {
         Entry const& e = kEntries[i];
         if (e.kind != kind || e.info.dtype != dtype) continue;
         if (e.info.heads_padded == hp && e.info.tokens_padded == np && e.info.head_dim == head_dim) return &e;
-        if (have.find(e.info.label) == std::string::npos) have += (have.empty() ? "" : ", ") + std::string(e.info.label);
+        if (std::find(have.begin(), have.end(), e.info.label) == have.end()) have.emplace_back(e.info.label);
     }
-    error = "no " + wanted + " kernel in this build (" + kBuildInfo + "); it has: " +
-            (have.empty() ? std::string("none for this dtype") : have) +
-            ". Rebuild with the presets, dtypes or variants that need it (-DPIDRT_KERNEL_PRESETS, -DPIDRT_KERNEL_DTYPES, -DPIDRT_KERNEL_VARIANTS)";
+    std::string listed = have.empty() ? "none for this dtype" : have[0];
+    for (size_t i = 1; i < have.size(); ++i) listed += ", " + have[i];
+    error = "no " + wanted + " kernel in this build (" + kBuildInfo + "); it has: " + listed +
+            ". Rebuild with the presets, dtypes or variants that need it "
+            "(-DPIDRT_KERNEL_PRESETS, -DPIDRT_KERNEL_DTYPES, -DPIDRT_KERNEL_VARIANTS)";
     return nullptr;
 }
 
@@ -128,7 +132,8 @@ int launch(Entry const& variant, Params& params, int64_t gx, int64_t gy, int64_t
                                          unsigned(k.entry->info.num_warps * 32), 1, 1,
                                          unsigned(k.entry->info.shared_bytes), static_cast<cuda::CUstream>(stream),
                                          params.data(), nullptr);
-    if (r != cuda::CUDA_SUCCESS) return fail(PIDRT_ERR_CUDA, d->describe("cuLaunchKernel", r) + " for " + k.entry->info.label);
+    if (r != cuda::CUDA_SUCCESS)
+        return fail(PIDRT_ERR_CUDA, d->describe("cuLaunchKernel", r) + " for " + k.entry->info.label);
     return PIDRT_OK;
 }
 

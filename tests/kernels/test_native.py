@@ -137,6 +137,45 @@ def _dual_kv_args(bsz=2, tokens=37, m1=37, m2=19, heads=2, d=8, dtype=1) -> Dual
     return args
 
 
+def test_embed_compiles_each_distinct_variant_once():
+    from pidrt.errors import PidrtError
+    from pidrt.kernels.embed import plan_jobs
+
+    jobs = plan_jobs(["sd15", "tiny"], ["float16", "bfloat16"], [80, 90])
+    per_target = {(j.arch, j.dtype) for j in jobs}
+    assert per_target == {(a, d) for a in (80, 90) for d in ("float16", "bfloat16")}
+    # Both presets have 8 heads: their few-token tiles are the same code; head dims differ.
+    labels = sorted(j.label for j in jobs if (j.arch, j.dtype) == (90, "float16"))
+    assert labels == sorted([f"few_token n={n}" for n in (1, 2, 4, 8, 16)] +
+                            [f"dual_kv d={d}" for d in (40, 80, 160, 4, 8, 16)])
+    assert len(plan_jobs(["sd15"], ["float16"], [90], only=["dual_kv d=40"])) == 1
+    with pytest.raises(PidrtError, match=r"no variants \['dual_kv d=41'\]"):
+        plan_jobs(["sd15"], ["float16"], [90], only=["dual_kv d=41"])
+    with pytest.raises(PidrtError, match="unknown dtype"):
+        plan_jobs(["sd15"], ["float8"], [90])
+
+
+def test_a_kernel_signature_the_launcher_does_not_pass_fails_the_build(tmp_path):
+    """The generated source asserts the compiled parameter order; a changed kernel must not compile."""
+    if why := _tools():
+        pytest.skip(why)
+    from pidrt.kernels.embed import cpp_source
+
+    row = {"kind": "dual_kv", "label": "dual_kv d=8", "arch": 90, "dtype": "float16", "heads_padded": 0,
+           "tokens_padded": 0, "head_dim": 8, "block_rows": 128, "block_cols": 0, "chunks_cap": 0, "num_warps": 8,
+           "shared_bytes": 6144, "num_params": 32, "function": "_dual_kv_kernel", "cubin": b"\x7fELF"}
+    right = dual_kv.plugin_launch(2, 37, 37, 19, 2, 8, torch.float16)
+    order = [*right.inputs, *right.scalars, right.output]
+    for params, compiles in ((order, True), ([*order[:7], order[8], order[7], *order[9:]], False)):
+        src = tmp_path / "generated.cpp"
+        src.write_text(cpp_source([{**row, "params": ",".join(params)}], "test"))
+        done = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", f"-I{ROOT / 'csrc/kernels'}",
+                               f"-I{ROOT / 'csrc/include'}", str(src)], capture_output=True, text=True, check=False)
+        assert (done.returncode == 0) == compiles, done.stderr
+        if not compiles:
+            assert "the compiled kernel's parameters differ from the launcher's order" in done.stderr
+
+
 def test_doctor_reports_a_library_that_does_not_load(monkeypatch, tmp_path):
     from pidrt.kernels.native import doctor_report
 
@@ -345,10 +384,14 @@ def _same_code(native_out: torch.Tensor, jit_out: torch.Tensor) -> None:
     torch.testing.assert_close(native_out, jit_out, rtol=2 * eps, atol=eps)
 
 
+# Every variant (the 5 few-token tiles, the 3 head dims) once, each dtype on both kernels: GPU time is scarce.
+F16, BF16 = torch.float16, torch.bfloat16
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens,c,n,shared_identity", [(4096, 320, 4, False), (1024, 640, 1, True),
-                                                        (256, 1280, 16, False), (64, 1280, 8, True)])
+@pytest.mark.parametrize("tokens,c,n,shared_identity,dtype", [
+    (4096, 320, 4, False, F16), (1024, 640, 1, True, BF16), (1024, 640, 2, False, F16),
+    (256, 1280, 16, False, BF16), (64, 1280, 8, True, F16)])
 def test_native_few_token_equals_the_jit_kernel_and_the_reference(gpu_native, tokens, c, n, shared_identity, dtype):
     from pidrt.kernels.few_token import few_token_branch, few_token_reference
     from pidrt.models.folded import FoldedBranch
@@ -374,9 +417,9 @@ def test_native_few_token_equals_the_jit_kernel_and_the_reference(gpu_native, to
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens,d,m1,m2,heads_first", [(4096, 40, 77, 4096, False), (1024, 80, 1024, 256, True),
-                                                        (256, 160, 77, 512, False)])
+@pytest.mark.parametrize("tokens,d,m1,m2,heads_first,dtype", [
+    (4096, 40, 77, 4096, False, F16), (1024, 80, 1024, 256, True, BF16), (256, 160, 77, 512, False, F16),
+    (4096, 40, 4096, 256, True, BF16)])
 def test_native_dual_kv_equals_the_jit_kernel_and_the_reference(gpu_native, tokens, d, m1, m2, heads_first, dtype):
     from pidrt.kernels.dual_kv import dual_kv_attention, dual_kv_reference
 
