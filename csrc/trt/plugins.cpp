@@ -95,6 +95,15 @@ int32_t Plugin::check(Dims const* d, int32_t nbInputs, DataType type) const noex
                              std::to_string(kRanks[int(op_)][i]));
     pidrt_dtype dtype;
     if (!to_pidrt(type, dtype)) return reject(where + "takes float32, float16 or bfloat16 tensors");
+    // Dims that must match where both are known (-1: dynamic, checked again with the real shapes).
+    auto differ = [](int64_t a, int64_t b) { return a >= 0 && b >= 0 && a != b; };
+    for (int32_t i = 1; i < kInputs; ++i)
+        if (differ(d[i].d[0], d[0].d[0]))
+            return reject(where + "input " + std::to_string(i) + " has shape " + shape(d[i]) + ", batch differs from " +
+                          shape(d[0]));
+    bool tokens_differ = op_ == Op::few_token ? differ(d[1].d[1], d[0].d[1])  // x and base
+                                              : differ(d[1].d[1], d[2].d[1]) || differ(d[3].d[1], d[4].d[1]);
+    if (tokens_differ) return reject(where + "token counts of paired inputs differ");
     int status;
     if (op_ == Op::few_token) {
         // base [B,N,C_out], x [B,N,C_in], a [B,C_in,H*n], b [B,H*n,C_out], bias [B,C_out]
