@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #5 in one run, sized to fit a short device lease: the stages' limits add
-# up to 540 s, inside one device command (600 s), leaving room for the machine's start.
+# up to 585 s, inside one device command (600 s), leaving room for the machine's start.
 #
 #   bash benchmarks/gpu_session.sh --fetch-wheels   # here, with pip access: diffusers into .whl/
 #   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning]   # on the GPU machine
@@ -77,6 +77,11 @@ if [[ "$SET" == tuning ]]; then
     printf '%s\n' "${SUMMARY[@]}"
     exit 0
 fi
+# The native kernel library (docs/native.md) for tests/kernels/test_native.py's GPU tests, which
+# otherwise build it themselves inside the pytest stage.
+stage native-build 45 bash -c 'cmake -S . -B build -G Ninja -DPython3_EXECUTABLE="$(command -v python3)" \
+    -DPIDRT_CUDA_ARCHS="$(python3 -c "import torch; print(*torch.cuda.get_device_capability(0), sep=\"\")")" \
+    && cmake --build build'
 stage pytest-gpu 140 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu.xml" \
     tests/kernels tests/engines/test_fast_torch.py tests/identity/test_device_cache.py
 stage kernels 60 python3 benchmarks/bench_kernels.py --out "$RES/kernels"

@@ -161,6 +161,9 @@ def cmd_doctor(a: argparse.Namespace) -> int:
             writes = f"unknown ({type(exc).__name__}: {exc})"
         report["ptx_isa"] = {"triton_writes": writes,
                              "cuda_driver_takes": isa_text(v) if (v := driver_ptx_version()) else "no CUDA driver"}
+    from pidrt.kernels.native import doctor_report as native_report
+
+    report["native_kernels"] = native_report()  # the CMake-built library (docs/native.md)
     report["backends"] = doctor_report()
     print(json.dumps(report, indent=2))
     return 0
