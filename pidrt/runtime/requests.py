@@ -73,8 +73,9 @@ def error_info(exc: BaseException) -> dict:
         return {"type": exc.kind, "message": str(exc), "status": exc.status}
     if isinstance(exc, UnknownIdentityError):
         return {"type": "unknown_identity", "message": str(exc), "status": 404}
-    if isinstance(exc, CorruptEntryError):
-        return {"type": "corrupt_identity", "message": str(exc), "status": 500}
+    if isinstance(exc, CorruptEntryError):  # the id, not the server's file path
+        return {"type": "corrupt_identity", "message": f"stored identity {exc.id} failed verification ({exc.reason})",
+                "status": 500}
     if isinstance(exc, PidrtError):
         return {"type": "invalid_request", "message": str(exc), "status": 400}
     return {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}", "status": 500}
