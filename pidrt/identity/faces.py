@@ -19,6 +19,7 @@ Landmark order: left eye, right eye, nose, left mouth corner, right mouth corner
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -71,6 +72,11 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _plain(exc: BaseException) -> str:
+    """An exception's text without Python object reprs (`<_io.BytesIO object at 0x...>`)."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", str(exc)) or type(exc).__name__
+
+
 def load_image(data: bytes | str | Path | Image.Image, name: str | None = None) -> np.ndarray:
     """Read a photo into an RGB uint8 array [H, W, 3].
 
@@ -102,9 +108,12 @@ def load_image(data: bytes | str | Path | Image.Image, name: str | None = None) 
     except PidrtError:
         raise
     except Image.DecompressionBombError as exc:
-        raise PidrtError(f"image {name} is too large: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise PidrtError(f"cannot decode image {name}: not a supported or intact image file ({exc})") from exc
+        raise PidrtError(f"image {name} is too large: {_plain(exc)}") from exc
+    except UnidentifiedImageError as exc:  # its text is only the repr of our in-memory buffer
+        raise PidrtError(f"cannot decode image {name}: not an image format Pillow reads "
+                         "(PNG, JPEG, WebP, BMP, TIFF, ...)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise PidrtError(f"cannot decode image {name}: not a supported or intact image file ({_plain(exc)})") from exc
     if min(rgb.size) < MIN_SIDE:
         raise PidrtError(f"image {name} is {rgb.size[0]}x{rgb.size[1]}: faces need at least {MIN_SIDE} px a side")
     return np.asarray(rgb, dtype=np.uint8).copy()

@@ -199,8 +199,9 @@ class Generator:
     def enroll(self, images: Sequence[bytes], method: str = "ip", steps: int | None = None, **options):
         """Enroll face photos (raw file bytes); returns pidrt.identity.enroll.Enrollment.
 
-        `steps` (EAA) defaults to the generator's default step count, which generations must use.
-        Other options go to EnrollOptions (caption, face_policy, resolution, ...).
+        `steps` (EAA) defaults to the generator's default step count; generations of the identity
+        run it (and take it as their default). Other options go to EnrollOptions (caption,
+        face_policy, resolution, names: what errors call each image, ...).
         """
         from pidrt.identity.enroll import EnrollOptions
 

@@ -95,16 +95,18 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
                      face_policy: Optional[str] = Form(None)):
         if len(images) > cfg.max_upload_images:
             raise UploadError(f"{len(images)} images uploaded; the limit is {cfg.max_upload_images}")
-        data = []
+        data, names = [], []
         for n, upload in enumerate(images):
             blob = await upload.read(cfg.max_upload_bytes + 1)
             name = upload.filename or f"image {n + 1}"
+            names.append(name)
             if len(blob) > cfg.max_upload_bytes:
                 raise UploadTooLarge(f"{name} is larger than the {cfg.max_upload_bytes} byte limit")
             if not blob:
                 raise UploadError(f"{name} is empty")
             data.append(blob)
-        out = await service.enroll(data, method, {"caption": caption, "face_policy": face_policy, "steps": steps})
+        out = await service.enroll(data, method, {"caption": caption, "face_policy": face_policy, "steps": steps,
+                                                  "names": tuple(names)})
         return {"object": "identity", "id": out["identity_id"], "method": out["method"], "created": out["created"],
                 "seconds": round(out["seconds"], 4)}
 

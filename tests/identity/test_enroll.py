@@ -143,3 +143,30 @@ def test_bad_enrollment_inputs(enroller, photo):
         enroller.enroll([b"definitely not an image"], EnrollOptions("ip"))
     with pytest.raises(PidrtError, match="latents"):
         enroller.enroll([photo], EnrollOptions("eaa", steps=STEPS, resolution=128))
+    for bad in (dict(resolution=0), dict(resolution=100), dict(steps=0)):
+        with pytest.raises(PidrtError, match="resolution|steps"):
+            EnrollOptions("eaa", **bad)
+
+
+def test_errors_name_the_file_not_python_objects(enroller, photo):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    blank = io.BytesIO()
+    Image.fromarray(np.full((128, 128, 3), 200, np.uint8)).save(blank, format="PNG")
+    with pytest.raises(PidrtError, match="no face found in holiday.png") as err:
+        enroller.enroll([photo, blank.getvalue()], EnrollOptions("ip", names=("me.jpg", "holiday.png")))
+    with pytest.raises(PidrtError, match="cannot decode image notes.txt") as err:
+        enroller.enroll([b"plain text"], EnrollOptions("ip", names=("notes.txt",)))
+    assert "object at 0x" not in str(err.value)
+    with pytest.raises(PidrtError, match="no face found in reference 1"):  # unnamed: by position
+        enroller.enroll([blank.getvalue()], EnrollOptions("ip"))
+
+
+def test_enrollment_records_the_detector_that_ran(enroller, photo):
+    first = enroller.enroll([photo], EnrollOptions("ip", steps=STEPS, detector="haar"))
+    assert first.detector and first.detector.startswith("haar")
+    assert enroller.store.get(first.identity_id)[1]["face_detector"] == first.detector
+    assert enroller.enroll([photo], EnrollOptions("ip", steps=STEPS, detector="haar")).detector == first.detector
