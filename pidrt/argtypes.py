@@ -55,3 +55,15 @@ def nonnegative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more; got {value:g}")
     return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help line ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" in help.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+            return help
+        if action.default is None:
+            return help + " (default: not set)"
+        return help + " (default: %(default)s)"

@@ -234,6 +234,30 @@ def available_backend(model_pack=None, mtcnn_dir=None) -> str:
     )
 
 
+def detector_report(model_pack=None, mtcnn_dir=None) -> dict[str, str]:
+    """Each detector backend: available (with what it uses) or what is missing; `auto`'s pick."""
+    from importlib.util import find_spec
+
+    from pidrt.identity.mtcnn import find_mtcnn_weights
+
+    out = {}
+    pack = find_model_pack(model_pack)
+    if find_spec("insightface") is None:
+        out["insightface"] = "missing (pip install 'pidrt[face]')"
+    else:
+        out["insightface"] = f"available ({pack})" if pack else \
+            f"no model pack (put one at ~/.insightface/models/{DEFAULT_PACK}; nothing is downloaded)"
+    weights = find_mtcnn_weights(mtcnn_dir)
+    out["mtcnn"] = f"available ({weights})" if weights else \
+        "no weights (pip install --no-deps facenet-pytorch==2.6.0, or set PIDRT_MTCNN_DIR)"
+    out["haar"] = "available (OpenCV Haar cascades)" if find_spec("cv2") else "missing (pip install 'pidrt[face]')"
+    try:
+        out["auto"] = f"uses {available_backend(model_pack, mtcnn_dir)}"
+    except MissingDependencyError:
+        out["auto"] = "no detector available"
+    return out
+
+
 def detect_faces(
     img: np.ndarray,
     backend: str = "auto",

@@ -123,7 +123,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=positive_int, default=g.queue_size, help="queued requests; more get 429")
     p.add_argument("--timeout-s", type=positive_float, default=g.timeout_s, help="per request, from submission to result")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help=f"default step count (None: {g.defaults.steps}; an EAA identity's own count wins)")
+                   help=f"step count of requests that name none (default: {g.defaults.steps}; an EAA identity's "
+                        "own count wins)")
     p.add_argument("--detector", default=g.enroll_detector, choices=BACKENDS, help="face detector for enrollment")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
 
@@ -138,8 +139,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pidrt.argtypes import HelpFormatter
+
     p = argparse.ArgumentParser(prog="python -m pidrt.serve.app", description="serve pidrt over HTTP",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_serve_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
