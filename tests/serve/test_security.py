@@ -279,3 +279,23 @@ def test_messages_name_ids_not_server_paths(app, generator, photos, call):
         assert_error_shape(r, 500, "corrupt_identity")
         assert ident in r.text and "metadata changed" in r.text and root not in r.text
     assert ident not in [e["id"] for e in listed]
+
+
+def test_ray_ingress_takes_the_same_keys(tmp_path, keys, call):
+    """The Ray Serve ingress is the same app: its routes need the same keys (no Ray cluster needed
+    to check: the key check answers before the engine is reached)."""
+    pytest.importorskip("ray", reason="the Ray Serve deployment needs ray[serve] (pidrt[serve])")
+    from pidrt.serve.ray_app import RaySettings, _ingress_builder, run_ray
+
+    settings = RaySettings(store_dir=str(tmp_path / "store"), auth=keys)
+    ingress = _ingress_builder(settings)()
+
+    async def go(c):
+        return (await c.get("/healthz"), await c.get("/v1/stats"), await c.post("/sdapi/v1/txt2img", json={}),
+                await c.delete(f"/v1/identities/{UNKNOWN_ID}", headers=bearer(GEN)))
+
+    health, stats, a1111, delete = call(ingress, go)
+    assert health.status_code == 200 and stats.status_code == 401 and a1111.status_code == 401
+    assert delete.status_code == 403
+    with pytest.raises(PidrtError, match="without API keys"):  # refused before Ray starts
+        run_ray(RaySettings(store_dir=str(tmp_path / "store")), host="0.0.0.0")
