@@ -8,7 +8,6 @@ fields, never server paths.
 
 from __future__ import annotations
 
-import logging
 import math
 
 from fastapi import FastAPI, Request
@@ -19,8 +18,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pidrt.errors import PidrtError
 from pidrt.runtime.requests import GenerationError, Overloaded, error_info
 from pidrt.serve.protocol import error_body
-
-log = logging.getLogger(__name__)
 
 # The `type` of an HTTP error that did not come from pidrt (the framework's own).
 HTTP_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
