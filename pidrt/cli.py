@@ -8,15 +8,21 @@ import logging
 import sys
 from pathlib import Path
 
+from pidrt.argtypes import HelpFormatter, nonnegative_int, positive_int
 from pidrt.errors import PidrtError
 from pidrt.runtime.setup import add_runtime_arguments, runtime_options_from_args
 
+HELP_FORMAT = HelpFormatter  # every option's help line shows its default
+
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from pidrt.runtime.demo import DemoConfig, run_demo
+    from pidrt.runtime.demo import NOTE, DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(out=a.out, steps=a.steps))
-    print(json.dumps({"out": str(a.out), "images": report["images"], "stages_s": report["stages_s"],
+    config = DemoConfig(out=a.out, steps=a.steps, face=a.face, seed=a.seed, detector=a.detector)  # checked first
+    print(f"pidrt demo: {NOTE}", file=sys.stderr)
+    report = run_demo(config)
+    print(json.dumps({"out": str(a.out), "images": report["images"], "face_detector": report["face_detector"],
+                      "device": report["device"], "stages_s": report["stages_s"],
                       "folded_vs_unfolded_max_abs": report["folded_vs_unfolded_max_abs"]}, indent=2))
     return 0
 
@@ -32,20 +38,22 @@ def cmd_enroll(a: argparse.Namespace) -> int:
             raise PidrtError(f"{path}: no such image file")
         images.append(path.read_bytes())
     options = EnrollOptions(a.method, steps=a.steps, resolution=a.resolution, caption=a.caption,
-                            record_from=a.record_from, face_policy=a.face_policy)
+                            record_from=a.record_from, face_policy=a.face_policy, detector=a.detector,
+                            names=tuple(str(p) for p in a.face))
     if a.adapter is not None:
         setattr(a, f"{a.method}_adapter", a.adapter)
+    store = IdentityStore(a.store)  # a bad --store fails before the models load
     pipe, encoders = build_runtime(runtime_options_from_args(a))
-    result = Enroller(pipe, IdentityStore(a.store), encoders).enroll(images, options)
+    result = Enroller(pipe, store, encoders).enroll(images, options)
     print(json.dumps({"id": result.identity_id, "method": result.method, "created": result.created,
-                      "seconds": round(result.seconds, 3)}))
+                      "seconds": round(result.seconds, 3), "face_detector": result.detector}))
     return 0
 
 
 def cmd_identities(a: argparse.Namespace) -> int:
     from pidrt.identity.store import IdentityStore
 
-    store = IdentityStore(a.store)
+    store = IdentityStore(a.store, create=False)  # only writers create stores
     if a.action == "list":
         for e in store.list():
             print(json.dumps({"id": e.id, "method": e.method, "created": e.created, "bytes": e.size}))
@@ -165,74 +173,96 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
     report["native_kernels"] = native_report()  # the CMake-built library (docs/native.md)
     report["backends"] = doctor_report()
+    from pidrt.identity.faces import detector_report
+
+    report["face_detectors"] = detector_report()
     print(json.dumps(report, indent=2))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pidrt", description="Personalized-identity SD1.5 runtime")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _command(sub, name: str, summary: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=summary, formatter_class=HELP_FORMAT)
 
-    p = sub.add_parser("demo", help="enroll a sample face with every method on the tiny preset and generate")
-    p.add_argument("--out", type=Path, default=Path("pidrt-demo"))
-    p.add_argument("--steps", type=int, default=10)
+
+def build_parser() -> argparse.ArgumentParser:
+    from pidrt.identity.faces import BACKENDS as DETECTORS
+
+    parser = argparse.ArgumentParser(prog="pidrt", description="Personalized-identity SD1.5 runtime",
+                                     formatter_class=HELP_FORMAT)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "demo", "enroll a face with every method on the tiny preset (random weights) and generate")
+    p.add_argument("--out", type=Path, default=Path("pidrt-demo"), help="folder for the images and report.json")
+    p.add_argument("--steps", type=positive_int, default=10, help="sampling (and EAA inversion) steps")
+    p.add_argument("--face", type=Path, default=None,
+                   help="your face photo (default: a sample photo shipped in scikit-image or insightface)")
+    p.add_argument("--seed", type=nonnegative_int, default=42, help="seed of every image")
+    p.add_argument("--detector", choices=DETECTORS, default="auto", help="face detector")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("enroll", help="enroll face images as an identity; prints its id")
+    p = _command(sub, "enroll", "enroll face images as an identity; prints its id")
     add_runtime_arguments(p)
-    p.add_argument("--method", choices=["sca", "ip", "eaa"], required=True)
-    p.add_argument("--face", type=Path, nargs="+", required=True)
-    p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=50, help="EAA: sampling steps the features are for")
-    p.add_argument("--resolution", type=int, help="EAA: image side (default: the preset's)")
+    p.add_argument("--method", choices=["sca", "ip", "eaa"], required=True, help="identity method")
+    p.add_argument("--face", type=Path, nargs="+", required=True, help="face photos of one person")
+    p.add_argument("--store", type=Path, required=True, help="identity store folder (created if missing)")
+    p.add_argument("--steps", type=positive_int, default=50,
+                   help="EAA: sampling steps the features are for (its generations default to it)")
+    p.add_argument("--resolution", type=positive_int, default=None, help="EAA: image side (default: the preset's)")
     p.add_argument("--caption", default="a photo of a person", help="EAA: inversion prompt")
-    p.add_argument("--record-from", choices=["reconstruction", "inversion"], default="reconstruction")
-    p.add_argument("--face-policy", choices=["largest", "error"], default="largest")
-    p.add_argument("--adapter", type=Path, help="the adapter file of --method (same as --sca/--ip/--eaa-adapter)")
+    p.add_argument("--record-from", choices=["reconstruction", "inversion"], default="reconstruction",
+                   help="EAA: record features in the paper's reconstruction pass, or the cheaper inversion pass")
+    p.add_argument("--face-policy", choices=["largest", "error"], default="largest",
+                   help="several faces in a photo: use the largest, or refuse")
+    p.add_argument("--detector", choices=DETECTORS, default="auto", help="face detector")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="the adapter file of --method (same as --sca/--ip/--eaa-adapter)")
     p.set_defaults(func=cmd_enroll)
 
-    p = sub.add_parser("identities", help="list, show or delete stored identities")
-    p.add_argument("action", choices=["list", "show", "delete"])
-    p.add_argument("id", nargs="?")
-    p.add_argument("--store", type=Path, required=True)
+    p = _command(sub, "identities", "list, show or delete stored identities")
+    p.add_argument("action", choices=["list", "show", "delete"], help="what to do")
+    p.add_argument("id", nargs="?", help="identity id (show, delete)")
+    p.add_argument("--store", type=Path, required=True, help="identity store folder (must exist)")
     p.set_defaults(func=cmd_identities)
 
-    p = sub.add_parser("export", help="export ONNX graphs with identity inputs + manifest.json (docs/engines.md)")
-    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
-    p.add_argument("--model", type=Path, help="real weights (default: the preset's random weights)")
-    p.add_argument("--method", choices=["none", "sca", "ip", "eaa"], default="none")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--fp16", action="store_true")
+    p = _command(sub, "export", "export ONNX graphs with identity inputs + manifest.json (docs/engines.md)")
+    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="model shapes")
+    p.add_argument("--model", type=Path, default=None, help="real weights (default: the preset's random weights)")
+    p.add_argument("--method", choices=["none", "sca", "ip", "eaa"], default="none",
+                   help="identity inputs of the UNet graph")
+    p.add_argument("--out", type=Path, required=True, help="export folder (created if missing)")
+    p.add_argument("--fp16", action="store_true", help="float16 graphs")
     p.add_argument("--trt-plugins", action="store_true",
                    help="UNet identity branches as pidrt TensorRT plugin nodes (fused Triton kernels compiled into "
                         "the engine) instead of plain ops; onnxruntime runs them lowered to plain ops")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("verify", help="run exported graphs against the torch reference; exit 1 above tolerance")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"])
+    p = _command(sub, "verify", "run exported graphs against the torch reference; exit 1 above tolerance")
+    p.add_argument("dir", type=Path, help="export folder")
+    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="runtime to check")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed for fp32 graphs")
     p.add_argument("--rtol-fp16", type=float, default=2e-2, help="max relative error allowed for fp16 graphs")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("build", help="build TensorRT engines for an export folder")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--backend", default="trt")
+    p = _command(sub, "build", "build TensorRT engines for an export folder")
+    p.add_argument("dir", type=Path, help="export folder")
+    p.add_argument("--backend", default="trt", choices=["trt"],
+                   help="engines built ahead of time (onnxruntime builds its sessions when opened)")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("kernels", help="compile the Triton kernels for a GPU architecture (no GPU needed); "
-                       "report registers, spills and shared memory (docs/engines.md)")
-    p.add_argument("--preset", choices=["tiny", "sd15"], default="sd15")
+    p = _command(sub, "kernels", "compile the Triton kernels for a GPU architecture (no GPU needed); "
+                 "report registers, spills and shared memory (docs/engines.md)")
+    p.add_argument("--preset", choices=["tiny", "sd15"], default="sd15", help="model shapes")
     p.add_argument("--arch", type=int, default=90, help="compute capability as major*10+minor (90: H100/H200)")
-    p.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"], default=["float16"])
-    p.add_argument("--out", type=Path, help="folder for the PTX files and report.json / report.md")
+    p.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"], default=["float16"],
+                   help="kernel dtypes")
+    p.add_argument("--out", type=Path, default=None, help="folder for the PTX files and report.json / report.md")
     p.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any variant spills registers")
     p.add_argument("--max-ptx-version", type=int, default=None,
                    help="cap the PTX ISA, e.g. 90 for a CUDA 13.0 driver (default: the bundled ptxas's)")
     p.set_defaults(func=cmd_kernels)
 
-    p = sub.add_parser("serve", help="the HTTP service (docs/serving.md)")
+    p = _command(sub, "serve", "the HTTP service (docs/serving.md)")
     from pidrt.serve.app import add_serve_arguments
 
     add_serve_arguments(p)
@@ -242,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
 
-    p = sub.add_parser("doctor", help="what is installed and which backends can run")
+    p = _command(sub, "doctor", "what is installed: packages, backends, face detectors, the PTX ISA")
     p.set_defaults(func=cmd_doctor)
     return parser
 

@@ -15,7 +15,16 @@ import json
 import sys
 from pathlib import Path
 
+from pidrt.argtypes import HelpFormatter
 from pidrt.errors import PidrtError
+
+EXAMPLES = """examples:
+  pidrt bench --preset tiny --steps 10 --iterations 3 --out benchmarks/results
+  pidrt bench --render benchmarks/results/cpu-tiny-2025-01-01.json   # markdown + plots again"""
+
+
+class HelpFormat(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults on every option's line; the examples kept as written."""
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,19 +36,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p.add_argument_group("models (as pidrt enroll / serve)"))
 
     g = p.add_argument_group("what to time")
-    g.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    g.add_argument("--eaa-placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
-    g.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8])
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="runtimes to time")
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="identity methods to time")
+    g.add_argument("--eaa-placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS),
+                   help="where EAA's cached features live during a generation")
+    g.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8], help="images per generation")
+    g.add_argument("--steps", type=int, default=30, help="sampling steps per generation")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--height", type=int, help="default: the preset's resolution")
     g.add_argument("--width", type=int, help="default: the preset's resolution")
     g.add_argument("--scale", type=float, default=0.8, help="identity strength of the identity elements")
     g.add_argument("--warmup", type=int, default=1, help="untimed generations per case")
     g.add_argument("--iterations", type=int, default=5, help="timed generations per case")
     g.add_argument("--no-baseline", action="store_true", help="skip diffusers' StableDiffusionPipeline")
-    g.add_argument("--no-flops", action="store_true")
+    g.add_argument("--no-flops", action="store_true", help="skip counting flops")
     g.add_argument("--peak-flops", type=float,
                    help="device peak flop/s for the %% of peak (default on CUDA: 989e12, the nominal H100 SXM "
                         "dense fp16 figure; on CPU only achieved GFLOP/s unless given)")
@@ -47,17 +57,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--export-dir", type=Path, help="ONNX graphs for ort/trt (cached; default under ~/.cache/pidrt)")
 
     g = p.add_argument_group("enrollment costs")
-    g.add_argument("--no-enroll", action="store_true")
-    g.add_argument("--enroll-methods", nargs="+", choices=ENROLL_METHODS, default=list(ENROLL_METHODS))
+    g.add_argument("--no-enroll", action="store_true", help="skip timing enrollment")
+    g.add_argument("--enroll-methods", nargs="+", choices=ENROLL_METHODS, default=list(ENROLL_METHODS),
+                   help="enrollment methods to time")
     g.add_argument("--enroll-resolutions", nargs="+", type=int, help="EAA image sides (default: the generation's)")
     g.add_argument("--enroll-steps", nargs="+", type=int, help="EAA step counts (default: --steps)")
     g.add_argument("--enroll-iterations", type=int, help="default: --iterations")
 
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    g.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, markdown and plots")
     g.add_argument("--name", help="file stem (default: <cpu|cuda>-<preset>-<date>)")
-    g.add_argument("--no-plots", action="store_true")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-plots", action="store_true", help="skip the plots")
+    g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     g.add_argument("--render", type=Path, metavar="JSON", help="only re-render the markdown and plots of a saved result")
 
 
@@ -99,17 +110,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register `pidrt bench` on pidrt's subparsers (its handler is `args.func`)."""
-    p = subparsers.add_parser("bench", help="time every backend x method x batch size against diffusers; "
-                                            "writes JSON, markdown and plots",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary = "time every backend x method x batch size against diffusers; writes JSON, markdown and plots"
+    p = subparsers.add_parser("bench", help=summary, description=summary, epilog=EXAMPLES,
+                              formatter_class=HelpFormat)
     _add_arguments(p)
     p.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="run_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="run_bench", description="side-by-side benchmark (pidrt bench)",
+                                     epilog=EXAMPLES, formatter_class=HelpFormat)
     _add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -142,6 +142,7 @@ def instrumented(enroller: Enroller, method: str):
     enc: Encoders = enroller.encoders
     try:
         timer.patch(faces, "load_image", "face_detect_align")
+        timer.patch(faces, "detect_faces", "face_detect_align")
         timer.patch(faces, "preprocess", "face_detect_align")
         timer.patch(enroll_module, "few_token_payloads", "fold")
         if method == "sca":

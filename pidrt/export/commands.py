@@ -51,9 +51,31 @@ def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 def export_models(preset_or_models: str | Preset | Models, method: str = "none", out_dir: Path | str = "export",
                   fp16: bool = False, options: ExportOptions = ExportOptions()) -> Path:
-    """Export text encoder, UNet (of `method`), VAE decoder and encoder; returns manifest.json's path."""
+    """Export text encoder, UNet (of `method`), VAE decoder and encoder; returns manifest.json's path.
+
+    The exporter's dependencies are checked before the folder is made, and a folder this call
+    made is removed again if the export fails before writing anything into it."""
+    from pidrt.errors import require
+
+    require("onnx", "onnx")
+    require("onnx_graphsurgeon", "onnx")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise PidrtError(f"export folder {out} is a file, not a folder")
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PidrtError(f"cannot create the export folder {out}: {exc.strerror or exc}") from None
+    try:
+        return _export_into(out, preset_or_models, method, fp16, options)
+    except BaseException:
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _export_into(out: Path, preset_or_models, method: str, fp16: bool, options: ExportOptions) -> Path:
     models = _models(preset_or_models, options.seed)
     dtype = "float16" if fp16 else "float32"
     layers = attention_layers(models.unet)

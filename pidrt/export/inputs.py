@@ -36,8 +36,9 @@ def _check_payload(spec: ModelSpec, name: str, p: Payload) -> None:
             raise PidrtError(f"{name}: the identity has {p.branch.n_tokens} tokens, the graph was exported "
                              f"for {spec.n_tokens}; re-export with SpecOptions(n_tokens={p.branch.n_tokens})")
         if torch.count_nonzero(p.branch.score_bias):
-            raise PidrtError(f"{name}: nonzero score bias (a biased branch query projection); the graphs "
-                             "take none because no supported adapter has one (SD1.5 to_q, W+ adapter q: no bias)")
+            raise PidrtError(f"{name}: nonzero score bias (a post_out SCA adapter: its query reads to_out(Z), "
+                             "whose bias folds into the scores); exported graphs take no score bias, so run "
+                             "post_out identities on the torch backend (docs/engines.md)")
     elif isinstance(p, EAARows):
         raise PidrtError(f"{name}: EAA recomputed from reference rows in the batch cannot feed an engine (its K/V "
                          "come from inside the UNet call); use cached K/V (resident or streamed placement)")

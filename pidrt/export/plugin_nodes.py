@@ -64,8 +64,8 @@ class PluginNodes:
     """`FusedOps` that trace to plugin nodes (used by `UNetGraph` when its spec has plugins)."""
 
     def few_token(self, base, x, branch: FoldedBranch, scale):
-        # Export graphs have no score bias (zero for every supported adapter: wrappers.py), so
-        # the node has no input for it.
+        # Export graphs have no score bias (zero for IP-Adapter and pre_out SCA; inputs.py
+        # refuses post_out payloads), so the node has no input for it.
         return _FewToken.apply(base, x, branch.a, branch.b, branch.out_bias, scale, int(branch.n_tokens))
 
     def dual_kv(self, query, key, value, keys2, values2, sigma, heads: int):

@@ -34,8 +34,8 @@ class UNetGraph(nn.Module):
         for index, name in spec.identity_layers:
             if spec.method in QUERY:
                 a = feed[f"a_{index}"]
-                # score_bias is zero for every supported adapter (methods.md 2; see inputs.py), so
-                # the graph has no input for it; a [1, 1] zero broadcasts and cleanup drops the Add.
+                # score_bias is zero for IP-Adapter and pre_out SCA (inputs.py refuses post_out SCA
+                # payloads), so the graph has no input for it; a [1, 1] zero broadcasts and cleanup drops the Add.
                 zero = torch.zeros(1, 1, dtype=a.dtype, device=a.device)
                 branch = FoldedBranch(a, feed[f"b_{index}"], zero, feed[f"bias_{index}"], spec.n_tokens)
                 out[name] = FoldedLayer(QUERY[spec.method], branch)

@@ -1,6 +1,6 @@
 """Identity artifacts <-> the flat tensor dicts the store keeps.
 
-SCA / IP-Adapter: the folded A, B and output bias of every cross layer, for the prompt half
+SCA / IP-Adapter: the folded A, B, score bias and output bias of every cross layer, for the prompt half
 and CFG's negative half, plus the tokens they were folded from (a few MB for SD1.5).
 EAA: the projected K/V of every step and layer (the cached inversion features).
 Layers are keyed by their index in the UNet's processor order, as adapter files are.
@@ -25,6 +25,7 @@ def folded_to_tensors(cond: FoldedCondition, layers: list[LayerInfo],
             i = index[name]
             out[f"{half}.{i}.a"] = branch.a
             out[f"{half}.{i}.b"] = branch.b
+            out[f"{half}.{i}.score_bias"] = branch.score_bias  # nonzero for post_out SCA (b_o W'_q)
             out[f"{half}.{i}.out_bias"] = branch.out_bias
     n_tokens = next(iter(cond.cond.values())).n_tokens
     return out, {"query": cond.query, "n_tokens": str(n_tokens)}
@@ -40,7 +41,7 @@ def folded_from_tensors(method: str, tensors: dict[str, torch.Tensor], meta: dic
                 layer.name: FoldedBranch(
                     a=tensors[f"{half}.{layer.index}.a"],
                     b=tensors[f"{half}.{layer.index}.b"],
-                    score_bias=tensors[f"{half}.{layer.index}.a"].new_zeros(1, tensors[f"{half}.{layer.index}.a"].shape[-1]),
+                    score_bias=tensors[f"{half}.{layer.index}.score_bias"],
                     out_bias=tensors[f"{half}.{layer.index}.out_bias"],
                     n_tokens=n_tokens,
                 )

@@ -8,6 +8,7 @@ EAA: square face crop -> VAE latent -> DDIM inversion + reconstruction with feat
 
 from __future__ import annotations
 
+import contextvars
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -41,6 +42,7 @@ from pidrt.runtime.inversion import eaa_features, invert_and_record
 from pidrt.runtime.pipeline import Pipeline
 
 METHODS = ("sca", "ip", "eaa")
+_DETECTORS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("pidrt_enroll_detectors", default=None)
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,20 @@ class EnrollOptions:
     face_policy: str = "largest"
     detector: str = "auto"
     reference_weights: tuple[float, ...] | None = None  # SCA/IP: weighted average of references
+    # What errors call each image (file names, upload names); not part of the identity's key.
+    names: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise PidrtError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise PidrtError(f"steps must be a positive integer; got {self.steps!r}")
+        if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
+                                            or self.resolution < 8 or self.resolution % 8):
+            raise PidrtError(f"resolution must be a positive multiple of 8 (or None: the preset's); got {self.resolution!r}")
+
+    def name(self, n: int) -> str:
+        return self.names[n] if self.names and n < len(self.names) else f"reference {n + 1}"
 
 
 @dataclass
@@ -77,6 +89,7 @@ class Enrollment:
     method: str
     created: bool
     seconds: float
+    detector: str | None = None  # the face detector(s) that ran when the entry was built
 
 
 def _progress(total: int, desc: str):
@@ -145,8 +158,8 @@ class Enroller:
             raise PidrtError("enrollment needs at least one face image")
         clock = time.perf_counter()
         key = self._key(images, opts)
-        ident, _, _, created = self.store.get_or_create(key, lambda: self._build(images, opts))
-        return Enrollment(ident, opts.method, created, time.perf_counter() - clock)
+        ident, _, meta, created = self.store.get_or_create(key, lambda: self._build(images, opts))
+        return Enrollment(ident, opts.method, created, time.perf_counter() - clock, meta.get("face_detector"))
 
     def condition(self, identity_id: str) -> Condition:
         if self.device_cache is None:
@@ -172,19 +185,31 @@ class Enroller:
     def _faces(self, images: Sequence[bytes], opts: EnrollOptions, crop: str) -> list[np.ndarray]:
         kind = {"ffhq256": "pidiff", "face512": "inv_adapter", "arcface112": "arcface"}[crop]
         out = []
+        ran = _DETECTORS.get()
         for n, data in enumerate(images):
-            name = f"reference {n + 1}"
+            name = opts.name(n)
             img = faces.load_image(data, name=name)
-            out.append(faces.preprocess(img, kind, policy=opts.face_policy, name=name, backend=opts.detector)[crop])
+            face = faces.select_face(faces.detect_faces(img, backend=opts.detector), opts.face_policy, name)
+            if ran is not None:
+                ran.append(face.detector)
+            out.append(faces.preprocess(img, kind, face=face)[crop])
         return out
 
     def _build(self, images: Sequence[bytes], opts: EnrollOptions):
         clock = time.perf_counter()
-        if opts.method == "eaa":
-            tensors, meta = self._build_eaa(images, opts)
-        else:
-            tensors, meta = self._build_few_token(images, opts)
-        meta = meta | {"enroll_seconds": f"{time.perf_counter() - clock:.3f}", "references": str(len(images))}
+        # The detectors that ran, for the entry's metadata: collected per call (enrollments may
+        # run in several threads), so in a context variable rather than on the enroller.
+        token = _DETECTORS.set([])
+        try:
+            if opts.method == "eaa":
+                tensors, meta = self._build_eaa(images, opts)
+            else:
+                tensors, meta = self._build_few_token(images, opts)
+            ran = _DETECTORS.get()
+        finally:
+            _DETECTORS.reset(token)
+        meta = meta | {"enroll_seconds": f"{time.perf_counter() - clock:.3f}", "references": str(len(images)),
+                       "face_detector": ",".join(dict.fromkeys(ran))}
         return tensors, meta
 
     def _build_few_token(self, images: Sequence[bytes], opts: EnrollOptions):

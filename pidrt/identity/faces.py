@@ -19,6 +19,7 @@ Landmark order: left eye, right eye, nose, left mouth corner, right mouth corner
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -71,6 +72,11 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _plain(exc: BaseException) -> str:
+    """An exception's text without Python object reprs (`<_io.BytesIO object at 0x...>`)."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", str(exc)) or type(exc).__name__
+
+
 def load_image(data: bytes | str | Path | Image.Image, name: str | None = None) -> np.ndarray:
     """Read a photo into an RGB uint8 array [H, W, 3].
 
@@ -102,9 +108,12 @@ def load_image(data: bytes | str | Path | Image.Image, name: str | None = None) 
     except PidrtError:
         raise
     except Image.DecompressionBombError as exc:
-        raise PidrtError(f"image {name} is too large: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise PidrtError(f"cannot decode image {name}: not a supported or intact image file ({exc})") from exc
+        raise PidrtError(f"image {name} is too large: {_plain(exc)}") from exc
+    except UnidentifiedImageError as exc:  # its text is only the repr of our in-memory buffer
+        raise PidrtError(f"cannot decode image {name}: not an image format Pillow reads "
+                         "(PNG, JPEG, WebP, BMP, TIFF, ...)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise PidrtError(f"cannot decode image {name}: not a supported or intact image file ({_plain(exc)})") from exc
     if min(rgb.size) < MIN_SIDE:
         raise PidrtError(f"image {name} is {rgb.size[0]}x{rgb.size[1]}: faces need at least {MIN_SIDE} px a side")
     return np.asarray(rgb, dtype=np.uint8).copy()
@@ -223,6 +232,30 @@ def available_backend(model_pack=None, mtcnn_dir=None) -> str:
         "no face detector available: install pidrt[face] (OpenCV Haar cascades), and for real "
         "landmarks 'pip install --no-deps facenet-pytorch==2.6.0' (MTCNN weights) or an insightface pack"
     )
+
+
+def detector_report(model_pack=None, mtcnn_dir=None) -> dict[str, str]:
+    """Each detector backend: available (with what it uses) or what is missing; `auto`'s pick."""
+    from importlib.util import find_spec
+
+    from pidrt.identity.mtcnn import find_mtcnn_weights
+
+    out = {}
+    pack = find_model_pack(model_pack)
+    if find_spec("insightface") is None:
+        out["insightface"] = "missing (pip install 'pidrt[face]')"
+    else:
+        out["insightface"] = f"available ({pack})" if pack else \
+            f"no model pack (put one at ~/.insightface/models/{DEFAULT_PACK}; nothing is downloaded)"
+    weights = find_mtcnn_weights(mtcnn_dir)
+    out["mtcnn"] = f"available ({weights})" if weights else \
+        "no weights (pip install --no-deps facenet-pytorch==2.6.0, or set PIDRT_MTCNN_DIR)"
+    out["haar"] = "available (OpenCV Haar cascades)" if find_spec("cv2") else "missing (pip install 'pidrt[face]')"
+    try:
+        out["auto"] = f"uses {available_backend(model_pack, mtcnn_dir)}"
+    except MissingDependencyError:
+        out["auto"] = "no detector available"
+    return out
 
 
 def detect_faces(

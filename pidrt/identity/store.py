@@ -9,6 +9,7 @@ and changing any input maps to a new one, so entries never need invalidation.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -41,18 +42,25 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
-RESERVED_META = ("pidrt_schema", "id", "method", "key", "created", "payload_sha256")
+# Schema 2 covers the caller metadata (query, n_tokens, EAA steps and caption, ...) by `meta_sha256`;
+# schema 1 entries did not, so they are reported as corrupt and rebuilt rather than trusted.
+SCHEMA_VERSION = "2"
+RESERVED_META = ("pidrt_schema", "id", "method", "key", "created", "payload_sha256", "meta_sha256")
 SUFFIX = ".safetensors"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit; a larger length field is garbage
 
 
 class CorruptEntryError(FormatError):
-    """A stored entry failed verification; ``path`` and ``reason`` say which file and why."""
+    """A stored entry failed verification; ``path`` and ``reason`` say which file and why,
+    ``id`` which identity (what a message to a remote client names instead of the path)."""
 
     def __init__(self, path: Path, reason: str):
         super().__init__(f"corrupt identity entry {path}: {reason}")
         self.path, self.reason = Path(path), reason
+        self.id = self.path.name.removesuffix(SUFFIX)
+
+    def __reduce__(self):  # picklable with its fields (Ray ships exceptions between processes)
+        return (type(self), (self.path, self.reason))
 
 
 class UnknownIdentityError(PidrtError, KeyError):
@@ -113,9 +121,22 @@ def _parse_header(data: bytes, path: Path, file_size: int) -> tuple[dict, dict[s
     return summary, meta
 
 
+def meta_digest(meta: Mapping[str, str]) -> str:
+    """sha256 of the caller metadata's canonical JSON (the `meta_sha256` field)."""
+    return hashlib.sha256(json.dumps(dict(meta), sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=True).encode()).hexdigest()
+
+
+def _caller_meta(meta: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in meta.items() if k not in RESERVED_META}
+
+
 def _check_meta(meta: dict[str, str], path: Path, expect_id: str) -> IdentityKey:
-    if meta.get("pidrt_schema") != SCHEMA_VERSION:
-        found = meta.get("pidrt_schema")
+    found = meta.get("pidrt_schema")
+    if found == "1":
+        raise CorruptEntryError(path, "schema version '1' (written by an older pidrt, whose entries do not verify "
+                                      "their metadata); enrolling the identity again rebuilds it")
+    if found != SCHEMA_VERSION:
         raise CorruptEntryError(path, f"schema version {found!r}, this pidrt reads {SCHEMA_VERSION!r}")
     if meta.get("id") != expect_id:
         raise CorruptEntryError(path, f"metadata id {meta.get('id')!r} does not match the file name")
@@ -127,6 +148,10 @@ def _check_meta(meta: dict[str, str], path: Path, expect_id: str) -> IdentityKey
         raise CorruptEntryError(path, "key metadata does not hash to the entry's id")
     if not SHA256_RE.match(meta.get("payload_sha256", "")):
         raise CorruptEntryError(path, "payload_sha256 metadata is missing or malformed")
+    # Caller metadata drives generation (the folded query source, token count, EAA steps and
+    # caption): an edited value must not load, so it is checked like the tensors are.
+    if meta.get("meta_sha256") != meta_digest(_caller_meta(meta)):
+        raise CorruptEntryError(path, "meta_sha256 mismatch (metadata changed)")
     return key
 
 
@@ -135,9 +160,19 @@ class IdentityStore:
 
     TEMP_MAX_AGE_S = 3600.0  # temp files older than this belong to a writer that died
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, create: bool = True):
+        """`create`: make the folder when it is missing (writers: enroll, serve); readers pass False
+        so that a mistyped path is an error instead of a new empty store."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise PidrtError(f"identity store {self.root} is a file, not a folder")
+        if not self.root.is_dir():
+            if not create:
+                raise PidrtError(f"no identity store at {self.root} (enrolling an identity creates one)")
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PidrtError(f"cannot create the identity store folder {self.root}: {exc.strerror or exc}") from None
         self.sweep_temp()
 
     def path(self, id: str) -> Path:
@@ -182,18 +217,20 @@ class IdentityStore:
             "key": key.canonical_json(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "payload_sha256": fingerprint_tensors(cpu),
+            "meta_sha256": meta_digest(meta),
             **meta,
         }
         atomic_write(self.path(key.id), st_save(cpu, metadata=header))
         return key.id, cpu, meta
 
-    def _read(self, id: str) -> tuple[IdentityKey, dict[str, torch.Tensor], dict[str, str]]:
+    def _read_verified(self, id: str) -> tuple[EntryInfo, dict[str, torch.Tensor]]:
+        """The entry's row and tensors, from one read of the file, fully verified."""
         path = self.path(id)
         try:
             data = path.read_bytes()  # one read: a concurrent replace cannot mix two versions
         except FileNotFoundError:
-            raise UnknownIdentityError(f"unknown identity {id!r} (no {path})") from None
-        _, meta = _parse_header(data, path, len(data))
+            raise UnknownIdentityError(f"unknown identity {id!r}") from None
+        summary, meta = _parse_header(data, path, len(data))
         key = _check_meta(meta, path, id)
         try:
             tensors = st_load(data)
@@ -201,7 +238,12 @@ class IdentityStore:
             raise CorruptEntryError(path, f"tensor data unreadable ({exc})") from None
         if fingerprint_tensors(tensors) != meta["payload_sha256"]:
             raise CorruptEntryError(path, "payload sha256 mismatch (tensor bytes changed)")
-        return key, tensors, {k: v for k, v in meta.items() if k not in RESERVED_META}
+        info = EntryInfo(id, key.method, meta.get("created", ""), len(data), key, _caller_meta(meta), summary)
+        return info, tensors
+
+    def _read(self, id: str) -> tuple[IdentityKey, dict[str, torch.Tensor], dict[str, str]]:
+        info, tensors = self._read_verified(id)
+        return info.key, tensors, info.meta
 
     def get(self, id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Verified (tensors on CPU, caller metadata); CorruptEntryError if verification fails."""
@@ -237,14 +279,14 @@ class IdentityStore:
                 n = int.from_bytes(head, "little") if len(head) == 8 else 0
                 head += f.read(min(n, _MAX_HEADER))
         except FileNotFoundError:
-            raise UnknownIdentityError(f"unknown identity {id!r} (no {path})") from None
+            raise UnknownIdentityError(f"unknown identity {id!r}") from None
         tensors, meta = _parse_header(head, path, size)
         key = _check_meta(meta, path, id)
-        user = {k: v for k, v in meta.items() if k not in RESERVED_META}
-        return EntryInfo(id, key.method, meta.get("created", ""), size, key, user, tensors)
+        return EntryInfo(id, key.method, meta.get("created", ""), size, key, _caller_meta(meta), tensors)
 
     def list(self) -> list[EntryInfo]:
-        """Entries sorted by id, from headers only; unreadable entries are skipped with a warning."""
+        """Entries sorted by id, from headers only (metadata verified, payloads not hashed); corrupt
+        entries are skipped with a warning."""
         out = []
         for p in sorted(self.root.glob(f"*{SUFFIX}")):
             if not ID_RE.match(p.name[: -len(SUFFIX)]):
@@ -259,8 +301,7 @@ class IdentityStore:
 
     def show(self, id: str) -> EntryInfo:
         """Like one ``list`` row, after fully verifying the entry (CorruptEntryError if not)."""
-        self._read(id)
-        return self.info(id)
+        return self._read_verified(id)[0]
 
     def info(self, id: str) -> EntryInfo:
         """One ``list`` row from the header only: for an entry whose payload was just verified."""
@@ -272,5 +313,5 @@ class IdentityStore:
         try:
             path.unlink()
         except FileNotFoundError:
-            raise UnknownIdentityError(f"unknown identity {id!r} (no {path})") from None
+            raise UnknownIdentityError(f"unknown identity {id!r}") from None
         fsync_dir(self.root)

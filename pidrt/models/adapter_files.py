@@ -7,11 +7,17 @@ Published layouts read as they are:
 - the W+ adapter's `wplus_adapter.bin` (`{"w_proj": {...}, "wplus_adapter": {"<i>.to_{q,k,v}_wplus.weight"}}`),
   which is SCA with the W+ grouping, a LayerNorm and `pre_out`.
 `.bin` files are read with `torch.load(weights_only=True)`: no code in them runs.
+
+Every floating tensor must be finite (a NaN or inf weight turns every image it touches into
+NaN): a file with one is refused, naming the tensor. A pidrt file may carry `default_scale`, the
+identity strength a request gets when it names none (else the method's paper value,
+`pidrt.runtime.requests.PAPER_SCALES`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Union
 
@@ -86,6 +92,27 @@ WPLUS_META = {
 }
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise FormatError(f"{where}: tensor {name!r} has non-finite values ({bad}); the file is damaged "
+                              "or was saved from a diverged training run")
+
+
+def _default_scale(meta: dict[str, str], where: str) -> float | None:
+    if "default_scale" not in meta:
+        return None
+    try:
+        value = float(meta["default_scale"])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise FormatError(f"{where}: metadata default_scale must be a finite number >= 0; "
+                          f"got {meta['default_scale']!r}")
+    return value
+
+
 def load_adapter(path: Path, layers: list[LayerInfo], token_dim: int, n_levels: int = 4) -> Adapter:
     """Read any supported adapter file and check it against the UNet's attention layers."""
     path = Path(path)
@@ -102,7 +129,9 @@ def load_adapter(path: Path, layers: list[LayerInfo], token_dim: int, n_levels: 
     elif path.suffix in (".bin", ".pt", ".pth"):
         obj = _read_bin(path)
         if {"w_proj", "wplus_adapter"} <= set(obj):
-            tensors, meta, kind = _wplus_to_pidrt(_flatten(obj, path)), WPLUS_META, "sca"
+            flat = _flatten(obj, path)
+            _check_finite(flat, where)  # before renaming: the message names the file's own key
+            tensors, meta, kind = _wplus_to_pidrt(flat), WPLUS_META, "sca"
         elif {"image_proj", "ip_adapter"} <= set(obj):
             tensors, meta, kind = _flatten(obj, path), {}, "ip"
         else:
@@ -112,10 +141,14 @@ def load_adapter(path: Path, layers: list[LayerInfo], token_dim: int, n_levels: 
             )
     else:
         raise FormatError(f"{path}: unsupported adapter file type {path.suffix!r} (.safetensors or .bin)")
+    _check_finite(tensors, where)
     if kind == "sca":
-        return SCAAdapter.from_tensors(tensors, meta, layers, where)
-    if kind == "ip":
-        return IPAdapterWeights.from_tensors(tensors, layers, token_dim, where)
-    if kind == "eaa":
-        return EAAAdapter.from_tensors(tensors, meta, layers, n_levels, where)
-    raise FormatError(f"{path}: unknown adapter kind {kind!r}; metadata 'kind' must be sca, ip or eaa")
+        adapter = SCAAdapter.from_tensors(tensors, meta, layers, where)
+    elif kind == "ip":
+        adapter = IPAdapterWeights.from_tensors(tensors, layers, token_dim, where)
+    elif kind == "eaa":
+        adapter = EAAAdapter.from_tensors(tensors, meta, layers, n_levels, where)
+    else:
+        raise FormatError(f"{path}: unknown adapter kind {kind!r}; metadata 'kind' must be sca, ip or eaa")
+    adapter.default_scale = _default_scale(meta, where)
+    return adapter

@@ -35,6 +35,11 @@ def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _scale_meta(default_scale: float | None) -> dict[str, str]:
+    """The `default_scale` metadata entry (adapter_files reads it back), when the adapter sets one."""
+    return {} if default_scale is None else {"default_scale": repr(float(default_scale))}
+
+
 def _by_layer(state: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
     """{"<prefix>.<index>.<name>": t} -> {index: {name: t}} (keys already checked)."""
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
@@ -51,6 +56,7 @@ class SCAAdapter:
     mapping: MappingNetwork
     layers: dict[int, dict[str, torch.Tensor]]  # attn2 index -> to_q/to_k/to_v(/to_out.*).weight...
     residual: str = "pre_out"
+    default_scale: float | None = None  # lambda when a request names none (None: PIDiff's 0.4)
 
     @property
     def n_tokens(self) -> int:
@@ -86,7 +92,7 @@ class SCAAdapter:
             "groups": json.dumps([list(g) for g in self.mapping.groups]),
             "layernorm": json.dumps(self.mapping.norm is not None),
             "mapping_bias": json.dumps(self.mapping.proj_0.bias is not None),
-        }
+        } | _scale_meta(self.default_scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"mapping.{k}": v for k, v in self.mapping.state_dict().items()}
@@ -126,6 +132,7 @@ class IPAdapterWeights:
 
     image_proj: nn.Module
     layers: dict[int, dict[str, torch.Tensor]]  # attn2 index -> {"to_k_ip.weight", "to_v_ip.weight"}
+    default_scale: float | None = None  # when a request names none (None: 1.0, diffusers' default)
 
     @property
     def n_tokens(self) -> int:
@@ -147,7 +154,7 @@ class IPAdapterWeights:
         return cls(proj, per_layer)
 
     def meta(self) -> dict[str, str]:
-        return {"kind": "ip", "n_tokens": str(self.n_tokens)}
+        return {"kind": "ip", "n_tokens": str(self.n_tokens)} | _scale_meta(self.default_scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"image_proj.{k}": v for k, v in self.image_proj.state_dict().items()}
@@ -199,6 +206,7 @@ class EAAAdapter:
     layers: dict[int, dict[str, torch.Tensor]]
     s_c: int
     latent_size: int
+    default_scale: float | None = None  # sigma when a request names none (None: pidrt's 0.8)
 
     @staticmethod
     def layer_layout(layer: LayerInfo, s_c: int, latent_size: int, n_levels: int) -> dict[str, tuple[int, ...]]:
@@ -222,7 +230,7 @@ class EAAAdapter:
         return cls(per_layer, s_c, latent_size)
 
     def meta(self) -> dict[str, str]:
-        return {"kind": "eaa", "s_c": str(self.s_c), "latent_size": str(self.latent_size)}
+        return {"kind": "eaa", "s_c": str(self.s_c), "latent_size": str(self.latent_size)} | _scale_meta(self.default_scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"layers.{i}.{k}": v for i, weights in self.layers.items() for k, v in weights.items()}

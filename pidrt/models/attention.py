@@ -39,11 +39,14 @@ class LayerInfo:
 class UnfoldedBranch:
     """A few-token branch as the papers write it, per batch element.
 
-    query "z": SCA, the query is the text-attention output Z projected by `w_q` [B, C, C].
+    query "z": SCA, the query is the text-attention output projected by `w_q` [B, C, C]: Z in
+    `pre_out`, Z_out = to_out(Z) in `post_out` (the output of the text cross-attention block,
+    methods.md 1).
     query "x": IP-Adapter, the query is the layer's own `to_q(X)` (`w_q` is None).
     keys/values: [B, n, C], already projected from the tokens. `w_o` None means the shared
     `to_out` is applied to Z + scale * branch (`pre_out`); else the branch has its own output
-    projection `w_o` [B, C, C] (x @ w_o convention) and bias `b_o` [B, C] (`post_out`).
+    projection `w_o` [B, C, C] (x @ w_o convention) and bias `b_o` [B, C] (`post_out`), and the
+    layer returns Z_out + scale * (SCA(Z_out) w_o + b_o).
     """
 
     query: QuerySource
@@ -204,15 +207,16 @@ class IdentityAttnProcessor:
 
     def _unfolded(self, attn, p: UnfoldedBranch, z, query, scale):
         heads = attn.heads
-        q_in = torch.bmm(z, p.w_q) if p.query == "z" else query
+        z_out = None if p.w_o is None else attn.to_out[0](z)  # post_out: the block's output is the SCA input
+        q_in = torch.bmm(z if z_out is None else z_out, p.w_q) if p.query == "z" else query
         branch = merge_heads(
             attend(split_heads(q_in, heads), split_heads(p.keys, heads), split_heads(p.values, heads),
                    self.state.explicit_attention)
         )
-        if p.w_o is None:
+        if z_out is None:
             return attn.to_out[0](z + scale * branch)
         own = torch.bmm(branch, p.w_o) + (0 if p.b_o is None else p.b_o[:, None, :])
-        return attn.to_out[0](z) + scale * own
+        return z_out + scale * own
 
 
 def attention_layers(unet) -> list[LayerInfo]:

@@ -100,10 +100,15 @@ def few_token_payloads(unet, layers: Sequence[LayerInfo], items: Sequence[FewTok
         terms = [None if i is None else _element_terms(i, layer, attn) for i in items]
         keys, values = _stack(terms, "keys"), _stack(terms, "values")
         if folded:
-            branch = fold_branch(
-                _stack(terms, "w_q"), keys, values, _stack(terms, "w_o"), layer.heads,
-                b_q=_stack(terms, "b_q"), b_o=_stack(terms, "b_o"),
-            )
+            w_q, b_q = _stack(terms, "w_q"), _stack(terms, "b_q")
+            if own_out:
+                # post_out queries Z_out = Z W_o + b_o (methods.md 1): the folded query reads Z, so
+                # W_o W'_q enters A and b_o W'_q becomes the score bias.
+                to_out = attn.to_out[0]
+                w_q, b_q = _linear_t(to_out.weight).to(w_q) @ w_q, (
+                    None if to_out.bias is None else to_out.bias.to(w_q) @ w_q)
+            branch = fold_branch(w_q, keys, values, _stack(terms, "w_o"), layer.heads, b_q=b_q,
+                                 b_o=_stack(terms, "b_o"))
             payloads[layer.name] = FoldedLayer(query, branch)
         else:
             payloads[layer.name] = UnfoldedBranch(

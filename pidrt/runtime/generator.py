@@ -11,9 +11,11 @@ single worker thread. The API is thread-safe and asyncio-friendly and needs no s
 
 Batching (`pidrt.runtime.batching`): requests with the same size, steps, scheduler and guidance
 and a compatible identity method (one method a batch; no identity joins any batch) share UNet
-calls, up to `max_batch` images, waiting at most `max_wait_ms` for company. Every image is
-reproducible from its seed whatever else is in its batch (the pipeline draws each image's noise
-from its own seed). A full queue raises `Overloaded` (with a retry-after hint), a request past
+calls, up to `max_batch` images, waiting at most `max_wait_ms` for company. Each image's noise
+is drawn from its own seed, so a seed gives the same image whatever else is in its batch up to
+floating-point tolerance: bit for bit in a batch of the same composition, and within about 1e-4
+(at most 1/255 after 8-bit rounding) in another one, because BLAS takes other paths for other
+batch sizes. A full queue raises `Overloaded` (with a retry-after hint), a request past
 its timeout fails with `GenerationTimeout`.
 
 Cancellation: a queued request is removed from the queue. A running request finishes at once as
@@ -59,6 +61,7 @@ from pidrt.runtime.requests import (
     InvalidRequest,
     Overloaded,
     ResolvedRequest,
+    method_scales,
     resolve_request,
 )
 from pidrt.runtime.text_cache import TextEmbeddingCache
@@ -88,6 +91,7 @@ class Generator:
         self.config = config or GeneratorConfig()
         self.backend = backend or str(getattr(pipe, "backend", "torch"))
         self.preset = pipe.models.preset
+        self.scales = method_scales(getattr(enroller, "encoders", None))  # default identity scale per method
         self.text_cache = TextEmbeddingCache(pipe.encode_text, self.config.text_cache_size)
         self._identities: OrderedDict[str, _Identity] = OrderedDict()
         self._id_lock = threading.Lock()
@@ -195,8 +199,9 @@ class Generator:
     def enroll(self, images: Sequence[bytes], method: str = "ip", steps: int | None = None, **options):
         """Enroll face photos (raw file bytes); returns pidrt.identity.enroll.Enrollment.
 
-        `steps` (EAA) defaults to the generator's default step count, which generations must use.
-        Other options go to EnrollOptions (caption, face_policy, resolution, ...).
+        `steps` (EAA) defaults to the generator's default step count; generations of the identity
+        run it (and take it as their default). Other options go to EnrollOptions (caption,
+        face_policy, resolution, names: what errors call each image, ...).
         """
         from pidrt.identity.enroll import EnrollOptions
 
@@ -229,8 +234,10 @@ class Generator:
 
     # ------------------------------------------------------------------ requests
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
-        """Validate a request and fill in defaults (InvalidRequest names the bad field)."""
-        return resolve_request(req, self.config, self.preset)
+        """Validate a request and fill in defaults (InvalidRequest names the bad field): the scale
+        of the identity's method (adapter metadata, else the paper's) and, for an EAA identity,
+        the step count it was enrolled for."""
+        return resolve_request(req, self.config, self.preset, self.scales, lambda ident: self.identity(ident).steps)
 
     def _check_identity(self, r: ResolvedRequest, ident: _Identity) -> None:
         if ident.method != "eaa":

@@ -6,7 +6,7 @@ import logging
 import math
 import secrets
 from dataclasses import asdict, dataclass, field, fields
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -18,6 +18,11 @@ FORMATS = ("png", "jpeg", "webp")
 METHODS = ("sca", "ip", "eaa")
 MAX_SEED = 2**63 - 1
 TERMINAL = ("done", "error", "cancelled")
+# The identity strength a request gets when it names none, per method (methods.md section 5), unless
+# the adapter file's `default_scale` says otherwise. SCA: PIDiff's inference lambda (1.0 is its
+# training value). EAA: Inv-Adapter gives sigma in [0.6, 1] with no single value; 0.8 is the middle
+# of that range, within 0.2 of every setting the paper allows. IP-Adapter: diffusers' default.
+PAPER_SCALES = {"sca": 0.4, "eaa": 0.8, "ip": 1.0}
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -73,8 +78,9 @@ def error_info(exc: BaseException) -> dict:
         return {"type": exc.kind, "message": str(exc), "status": exc.status}
     if isinstance(exc, UnknownIdentityError):
         return {"type": "unknown_identity", "message": str(exc), "status": 404}
-    if isinstance(exc, CorruptEntryError):
-        return {"type": "corrupt_identity", "message": str(exc), "status": 500}
+    if isinstance(exc, CorruptEntryError):  # the id, not the server's file path
+        return {"type": "corrupt_identity", "message": f"stored identity {exc.id} failed verification ({exc.reason})",
+                "status": 500}
     if isinstance(exc, PidrtError):
         return {"type": "invalid_request", "message": str(exc), "status": 400}
     return {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}", "status": 500}
@@ -90,7 +96,7 @@ class Defaults:
     width: int | None = None  # None: the preset's resolution
     height: int | None = None
     scheduler: str = "ddim"
-    scale: float = 1.0
+    scale: float | None = None  # None: the identity method's (`method_scales`); 0 without identity
     output_format: str = "png"
     quality: int = 95  # jpeg / webp encoder quality
 
@@ -257,8 +263,27 @@ class Event:
         return self.type in TERMINAL
 
 
-def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset) -> ResolvedRequest:
-    """Validate `req` against the limits and fill in the defaults (InvalidRequest if it is bad)."""
+def method_scales(encoders=None) -> dict[str, float]:
+    """Default identity scale per method: the loaded adapter's `default_scale` (its file's
+    metadata) where it has one, else PAPER_SCALES. `encoders` has one attribute per method."""
+    out = dict(PAPER_SCALES)
+    for method in out:
+        value = getattr(getattr(encoders, method, None), "default_scale", None)
+        if value is not None:
+            out[method] = float(value)
+    return out
+
+
+def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset,
+                    scales: Mapping[str, float] | None = None,
+                    recorded_steps: Callable[[str], int | None] | None = None) -> ResolvedRequest:
+    """Validate `req` against the limits and fill in the defaults (InvalidRequest if it is bad).
+
+    scales: the default scale per method (`method_scales`; default PAPER_SCALES).
+    recorded_steps(identity): the step count an EAA identity was enrolled for, the default of a
+    request that names one and leaves `steps` out (any other count is refused at submission);
+    called only then, so it may read the store.
+    """
     d, lim = config.defaults, config.limits
 
     def number(name, value, lo, hi, integer=False):
@@ -275,9 +300,19 @@ def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset) -> 
         text = getattr(req, name) or ""
         if len(text) > lim.max_prompt_chars:
             raise InvalidRequest(f"{name} is {len(text)} characters; the limit is {lim.max_prompt_chars}")
-    steps = number("steps", d.steps if req.steps is None else req.steps, 1, lim.max_steps, integer=True)
+    identity, method = _identity_and_method(req)
+    steps = req.steps
+    if steps is None:
+        recorded = recorded_steps(identity) if method == "eaa" and recorded_steps is not None else None
+        steps = d.steps if recorded is None else recorded
+    steps = number("steps", steps, 1, lim.max_steps, integer=True)
     guidance = float(number("guidance", d.guidance if req.guidance is None else req.guidance, 0, lim.max_guidance))
-    scale = float(number("scale", d.scale if req.scale is None else req.scale, 0, lim.max_scale))
+    scale = req.scale
+    if scale is None and d.scale is not None:
+        scale = d.scale
+    elif scale is None:  # the method's own strength; no identity, no branch
+        scale = (scales or PAPER_SCALES).get(method, 0.0) if method else 0.0
+    scale = float(number("scale", scale, 0, lim.max_scale))
     start = number("scale_start", req.scale_start, 0, steps, integer=True)
     end = None if req.scale_end is None else number("scale_end", req.scale_end, start, steps, integer=True)
     side = preset.resolution
@@ -319,24 +354,26 @@ def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset) -> 
     elif isinstance(seed, (list, tuple)):
         seeds = tuple(number("seed", s, 0, MAX_SEED, integer=True) for s in seed)
     else:
-        number("seed", seed, 0, MAX_SEED - n, integer=True)
+        number("seed", seed, 0, MAX_SEED - n + 1, integer=True)  # the last image's seed is seed + n - 1
         seeds = tuple(seed + i for i in range(n))
-
-    identity, method = req.identity or None, req.method or None
-    if method is not None and method not in METHODS:
-        raise InvalidRequest(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    if identity is not None:
-        if not isinstance(identity, str):
-            raise InvalidRequest(f"identity must be an id string; got {identity!r}")
-        id_method = identity.split("-", 1)[0]
-        if method is not None and id_method in METHODS and method != id_method:
-            raise InvalidRequest(f"identity {identity} was enrolled with {id_method}, not {method}")
-        method = id_method
-    elif method is not None:
-        method = None  # a method without an identity has nothing to apply
     return ResolvedRequest(
         prompt=req.prompt, negative_prompt=req.negative_prompt or "", identity=identity, method=method,
         scale=scale, scale_start=start, scale_end=end, steps=steps, guidance=guidance, seeds=seeds,
         width=width, height=height, n=n, output_format=fmt, quality=quality, scheduler=scheduler,
         timeout_s=timeout,
     )
+
+
+def _identity_and_method(req: GenerationRequest) -> tuple[str | None, str | None]:
+    """The request's identity and the method it implies (an id names its method)."""
+    identity, method = req.identity or None, req.method or None
+    if method is not None and method not in METHODS:
+        raise InvalidRequest(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if identity is None:
+        return None, None  # a method without an identity has nothing to apply
+    if not isinstance(identity, str):
+        raise InvalidRequest(f"identity must be an id string; got {identity!r}")
+    id_method = identity.split("-", 1)[0]
+    if method is not None and id_method in METHODS and method != id_method:
+        raise InvalidRequest(f"identity {identity} was enrolled with {id_method}, not {method}")
+    return identity, id_method

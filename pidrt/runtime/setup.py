@@ -91,7 +91,7 @@ def build_encoders(pipe: Pipeline, opts: RuntimeOptions) -> Encoders:
 
 def add_runtime_arguments(p) -> None:
     """The options every command that builds a pipeline takes (CLI, serve, bench)."""
-    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="model shapes (tiny: seconds on a CPU)")
     p.add_argument("--model", type=Path, help="diffusers SD1.5 folder or single-file .safetensors (default: random weights)")
     p.add_argument("--sca-adapter", type=Path, help="pidrt SCA .safetensors or the W+ adapter's wplus_adapter.bin")
     p.add_argument("--ip-adapter", type=Path, help="ip-adapter*.safetensors / .bin")
@@ -99,8 +99,8 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--e4e", type=Path, help="e4e_ffhq_encode.pt (SCA's W+ encoder)")
     p.add_argument("--image-encoder", type=Path, help="CLIP vision folder (IP-Adapter)")
     p.add_argument("--arcface-pack", help="insightface model pack path or name (IP-Adapter FaceID)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (when no --model)")
 
 

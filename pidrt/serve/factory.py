@@ -20,6 +20,7 @@ def build_generator(store_dir: str | Path, runtime: RuntimeOptions | None = None
     from pidrt.identity.store import IdentityStore
     from pidrt.runtime.setup import build_runtime
 
+    store = IdentityStore(Path(store_dir))  # a bad store path fails before the models load
     pipe, encoders = build_runtime(runtime or RuntimeOptions())
     config = config or GeneratorConfig()
     device_cache = None
@@ -27,5 +28,5 @@ def build_generator(store_dir: str | Path, runtime: RuntimeOptions | None = None
         from pidrt.identity.device_cache import DeviceCache
 
         device_cache = DeviceCache(config.identity_device_mib << 20, pipe.device)
-    enroller = Enroller(pipe, IdentityStore(Path(store_dir)), encoders, device_cache)
+    enroller = Enroller(pipe, store, encoders, device_cache)
     return Generator(pipe, enroller, config, backend="torch")

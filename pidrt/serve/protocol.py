@@ -83,6 +83,7 @@ def result_body(result: GenerationResult, extra: dict | None = None) -> dict[str
                 "seed": img.seed,
                 "identity": img.identity,
                 "method": img.method,
+                "scale": r.scale,  # the identity strength used (the method's default when not asked)
                 "backend": img.backend,
                 "width": img.width,
                 "height": img.height,

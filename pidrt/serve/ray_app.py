@@ -39,6 +39,7 @@ from pidrt.runtime.requests import (
     error_info,
 )
 from pidrt.runtime.setup import RuntimeOptions
+from pidrt.serve.auth import AuthConfig, check_bind
 from pidrt.serve.service import Engine, Running, ServiceConfig, exception_from_info
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class RaySettings:
     route_prefix: str = "/"
     # Builds the replica's Generator (default: `factory.build_generator` over `runtime`); must pickle.
     generator_factory: Callable[["RaySettings"], Generator] | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)  # API keys, as `pidrt serve` (pidrt.serve.auth)
+    allow_unauthenticated: bool = False  # run_ray on a non-loopback host without keys
 
     @property
     def replica_device(self) -> str:
@@ -298,7 +301,7 @@ def _ingress_builder(settings: RaySettings):
         from pidrt.serve.app import create_app
 
         engine = RayEngine(lambda: serve.get_deployment_handle(GENERATOR_NAME, app_name=settings.app_name))
-        return create_app(engine, settings.service, max_batch=settings.generator.max_batch)
+        return create_app(engine, settings.service, max_batch=settings.generator.max_batch, auth=settings.auth)
 
     return build_app
 
@@ -323,6 +326,7 @@ def build_ray_app(settings: RaySettings):
 
 def run_ray(settings: RaySettings, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False, **init_kw):
     """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the application."""
+    check_bind(host, settings.auth, settings.allow_unauthenticated)
     if not ray.is_initialized():
         ray.init(**init_kw)
     serve.start(http_options={"host": host, "port": port})

@@ -3,46 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Optional
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pidrt.errors import PidrtError
-from pidrt.runtime.requests import Overloaded, error_info
+from pidrt.serve.errors import error_json, install_error_handlers
 from pidrt.serve.protocol import (
     GenerationBody,
-    error_body,
     event_body,
     identity_body,
     result_body,
 )
 from pidrt.serve.service import ImageService, UploadError, UploadTooLarge
-
-
-def error_response(exc: BaseException, param: str | None = None) -> JSONResponse:
-    info = error_info(exc)
-    headers = {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return JSONResponse(error_body(info, param), status_code=info["status"], headers=headers)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        ctx = next(e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid")
-        return f"malformed JSON body: {ctx.get('error', 'cannot parse')}", None
-    parts, param = [], None
-    for e in errors[:5]:
-        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form")]
-        where = ".".join(loc) or "body"
-        param = param or where
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts), param
 
 
 class MetricsMiddleware:
@@ -70,19 +44,7 @@ class MetricsMiddleware:
 
 def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
     cfg = service.config
-
-    @app.exception_handler(PidrtError)
-    async def _pidrt_error(request: Request, exc: PidrtError):
-        service._error(exc)  # counts it unless the service already did
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
-        if metrics is not None:
-            metrics.observe_error("invalid_request")
-        return JSONResponse(error_body({"message": message, "type": "invalid_request", "status": 400}, param),
-                            status_code=400)
+    install_error_handlers(app, service.count_error)
 
     # ------------------------------------------------------------------ generations
     @app.post("/v1/images/generations")
@@ -133,16 +95,18 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
                      face_policy: Optional[str] = Form(None)):
         if len(images) > cfg.max_upload_images:
             raise UploadError(f"{len(images)} images uploaded; the limit is {cfg.max_upload_images}")
-        data = []
+        data, names = [], []
         for n, upload in enumerate(images):
             blob = await upload.read(cfg.max_upload_bytes + 1)
             name = upload.filename or f"image {n + 1}"
+            names.append(name)
             if len(blob) > cfg.max_upload_bytes:
                 raise UploadTooLarge(f"{name} is larger than the {cfg.max_upload_bytes} byte limit")
             if not blob:
                 raise UploadError(f"{name} is empty")
             data.append(blob)
-        out = await service.enroll(data, method, {"caption": caption, "face_policy": face_policy, "steps": steps})
+        out = await service.enroll(data, method, {"caption": caption, "face_policy": face_policy, "steps": steps,
+                                                  "names": tuple(names)})
         return {"object": "identity", "id": out["identity_id"], "method": out["method"], "created": out["created"],
                 "seconds": round(out["seconds"], 4)}
 
@@ -168,7 +132,8 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
     async def readyz():
         if await service.engine.ready():
             return {"status": "ready", "backend": service.engine.backend}
-        return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"status": "not ready", "error": {"message": "the engine is not ready", "type": "not_ready",
+                                                              "param": None, "code": 503}}, status_code=503)
 
     @app.get("/v1/stats")
     async def stats():
@@ -177,6 +142,6 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
     @app.get("/metrics")
     async def metrics_endpoint():
         if metrics is None:
-            return Response("metrics are disabled\n", status_code=404, media_type="text/plain")
+            return error_json(404, "not_found", "metrics are disabled on this server")
         data, content_type = metrics.render()
         return Response(data, media_type=content_type)

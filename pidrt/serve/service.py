@@ -23,52 +23,22 @@ from pidrt.runtime.generator import Generator
 from pidrt.runtime.requests import (
     Cancelled,
     Event,
-    GenerationError,
     GenerationRequest,
     GenerationResult,
     Overloaded,
     error_info,
 )
+from pidrt.serve.errors import (  # noqa: F401 (re-exported: the service's errors)
+    ClientGone,
+    JobNotFound,
+    UploadError,
+    UploadTooLarge,
+    exception_from_info,
+)
 
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[Event], None]
-
-
-class JobNotFound(GenerationError):
-    status, kind = 404, "not_found"
-
-
-class ClientGone(GenerationError):
-    status, kind = 499, "client_disconnected"
-
-
-class UploadError(GenerationError):
-    status, kind = 400, "invalid_request"
-
-
-class UploadTooLarge(GenerationError):
-    status, kind = 413, "upload_too_large"
-
-
-def exception_from_info(info: dict) -> Exception:
-    """Rebuild an error reported as {type, message, status[, retry_after]} (events, Ray replicas)."""
-    from pidrt.identity.store import UnknownIdentityError
-    from pidrt.runtime import requests as g
-
-    kind, message = info.get("type", "internal_error"), info.get("message", "")
-    if kind == "overloaded":
-        return Overloaded(message, float(info.get("retry_after", 1.0)))
-    if kind == "unknown_identity":
-        return UnknownIdentityError(message)
-    classes = {c.kind: c for c in (g.InvalidRequest, g.GenerationTimeout, g.Cancelled, g.GeneratorClosed,
-                                   g.GenerationFailed, JobNotFound, UploadTooLarge)}
-    cls = classes.get(kind)
-    if cls is not None:
-        return cls(message)
-    err = GenerationError(message)
-    err.status, err.kind = int(info.get("status", 500)), kind
-    return err
 
 
 # ------------------------------------------------------------------------------------ engines
@@ -186,6 +156,7 @@ class LocalEngine(Engine):
 class ServiceConfig:
     max_upload_bytes: int = 10 * 1024 * 1024  # per face image
     max_upload_images: int = 8
+    max_json_bytes: int = 1024 * 1024  # any body that is not a multipart upload (pidrt.serve.limits)
     max_jobs: int = 1024  # job records kept; the oldest finished ones go first
     job_ttl_s: float = 3600.0  # finished job records are dropped after this
     disconnect_poll_s: float = 0.5  # how often a waiting generation checks that its client is still there
@@ -271,6 +242,13 @@ class ImageService:
             metrics.running.set_function(lambda: self._inflight)
 
     # ---- accounting
+    def count_error(self, what: BaseException | str) -> None:
+        """Count an error (an exception, or an error type the HTTP layer produced) in the metrics."""
+        if isinstance(what, BaseException):
+            self._error(what)
+        elif self.metrics is not None:
+            self.metrics.observe_error(what)
+
     def _error(self, exc: BaseException) -> None:
         if self.metrics is not None and not getattr(exc, "_pidrt_counted", False):
             self.metrics.observe_error(error_info(exc)["type"])

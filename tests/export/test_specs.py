@@ -104,6 +104,14 @@ def test_feed_from_payloads_and_refusals(unet, layers):
     biased[name] = dataclasses.replace(payloads[name], branch=branch)
     with pytest.raises(PidrtError, match="score bias"):
         unet_feed(spec, sample, 500, ctx, scale, biased)
+    # A post_out SCA adapter's payloads carry one (b_o W'_q): refused, saying where they do run.
+    from pidrt.models.adapters import SCAAdapter
+    from pidrt.models.branches import SCAIdentity
+
+    post = SCAAdapter.random(layers, 32, seed=3, residual="post_out")
+    post_payloads = few_token_payloads(unet, layers, [SCAIdentity(post, torch.randn(4, 32)), None, None])
+    with pytest.raises(PidrtError, match="post_out"):
+        unet_feed(spec, sample, 500, ctx, scale, post_payloads)
     unfolded = few_token_payloads(unet, layers, [None, None, None], folded=False)  # {} (no identity)
     assert unet_feed(spec, sample, 500, ctx, scale, unfolded)
     with pytest.raises(PidrtError, match="queries"):

@@ -55,6 +55,53 @@ def test_folded_artifact_equals_enrolling_adapter_path(enroller, photo):
     assert (images[0] - images[1]).abs().max() < 1e-5
 
 
+def test_post_out_sca_artifact_equals_unfolded_reference(enroller, photo):
+    """post_out SCA queries to_out(Z): its stored A carries W_o, its score bias b_o W'_q (methods.md 1)."""
+    import dataclasses
+
+    from pidrt.models.adapters import SCAAdapter
+    from pidrt.models.branches import SCAIdentity
+    from pidrt.runtime.conditioning import FewTokenCondition
+
+    adapter = SCAAdapter.random(enroller.pipe.layers, 32, seed=5, residual="post_out")
+    post = Enroller(enroller.pipe, enroller.store, dataclasses.replace(enroller.encoders, sca=adapter))
+    ident = post.enroll([photo], EnrollOptions("sca", steps=STEPS)).identity_id
+    tensors, _ = post.store.get(ident)
+    assert any(tensors[k].abs().max() > 0 for k in tensors if k.endswith(".score_bias"))
+    live = FewTokenCondition("sca", SCAIdentity(adapter, tensors["tokens.cond"]),
+                             SCAIdentity(adapter, tensors["tokens.uncond"]))
+    images = []
+    for cond, folded in ((post.condition(ident), True), (live, False)):
+        config = SamplingConfig(steps=STEPS, guidance=5.0, height=64, width=64, folded=folded)
+        images.append(post.pipe.generate(config, [ImageSpec("p", 3, condition=cond,
+                                                            schedule=ScaleSchedule(0.7))]).images)
+    assert (images[0] - images[1]).abs().max() < 1e-5
+
+
+def test_tampered_metadata_is_corrupt_and_rebuilt(enroller, photo):
+    """An edited `query` (what the folded branch reads) is refused, and enrolling again rebuilds it."""
+    import json
+
+    from pidrt.identity.store import CorruptEntryError
+
+    result = enroller.enroll([photo], EnrollOptions("ip", steps=STEPS))
+    enroller.forget(result.identity_id)
+    path = enroller.store.path(result.identity_id)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    assert header["__metadata__"]["query"] == "x"
+    header["__metadata__"]["query"] = "z"
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(CorruptEntryError, match="metadata changed"):
+        enroller.condition(result.identity_id)
+    again = enroller.enroll([photo], EnrollOptions("ip", steps=STEPS))
+    assert again.created and again.identity_id == result.identity_id
+    assert enroller.store.get(result.identity_id)[1]["query"] == "x"
+
+
 def test_multi_reference_and_key_fields(enroller, photo):
     import io
 
@@ -96,3 +143,30 @@ def test_bad_enrollment_inputs(enroller, photo):
         enroller.enroll([b"definitely not an image"], EnrollOptions("ip"))
     with pytest.raises(PidrtError, match="latents"):
         enroller.enroll([photo], EnrollOptions("eaa", steps=STEPS, resolution=128))
+    for bad in (dict(resolution=0), dict(resolution=100), dict(steps=0)):
+        with pytest.raises(PidrtError, match="resolution|steps"):
+            EnrollOptions("eaa", **bad)
+
+
+def test_errors_name_the_file_not_python_objects(enroller, photo):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    blank = io.BytesIO()
+    Image.fromarray(np.full((128, 128, 3), 200, np.uint8)).save(blank, format="PNG")
+    with pytest.raises(PidrtError, match="no face found in holiday.png") as err:
+        enroller.enroll([photo, blank.getvalue()], EnrollOptions("ip", names=("me.jpg", "holiday.png")))
+    with pytest.raises(PidrtError, match="cannot decode image notes.txt") as err:
+        enroller.enroll([b"plain text"], EnrollOptions("ip", names=("notes.txt",)))
+    assert "object at 0x" not in str(err.value)
+    with pytest.raises(PidrtError, match="no face found in reference 1"):  # unnamed: by position
+        enroller.enroll([blank.getvalue()], EnrollOptions("ip"))
+
+
+def test_enrollment_records_the_detector_that_ran(enroller, photo):
+    first = enroller.enroll([photo], EnrollOptions("ip", steps=STEPS, detector="haar"))
+    assert first.detector and first.detector.startswith("haar")
+    assert enroller.store.get(first.identity_id)[1]["face_detector"] == first.detector
+    assert enroller.enroll([photo], EnrollOptions("ip", steps=STEPS, detector="haar")).detector == first.detector

@@ -231,6 +231,24 @@ def _bad_tensor_entry(path):
     _rewrite_header(path, lambda h: h["a_fp32"].update(shape=5))
 
 
+def _edited_caller_meta(path):
+    # What a generation reads from the metadata (the few-token query source, EAA steps, ...).
+    _rewrite_header(path, lambda h: h["__metadata__"].update(query="z"))
+
+
+def _no_meta_hash(path):
+    _rewrite_header(path, lambda h: h["__metadata__"].pop("meta_sha256"))
+
+
+def _schema_1_entry(path):
+    """An entry as pidrt wrote it before metadata was checked: schema 1, no meta_sha256."""
+    def edit(h):
+        h["__metadata__"].pop("meta_sha256")
+        h["__metadata__"]["pidrt_schema"] = "1"
+
+    _rewrite_header(path, edit)
+
+
 CORRUPTIONS = {
     "flip_payload_byte": (_flip_payload_byte, "payload sha256"),
     "truncate": (_truncate, "bytes"),
@@ -242,6 +260,9 @@ CORRUPTIONS = {
     "tampered_key": (_tampered_key, "does not hash"),
     "no_payload_hash": (_no_payload_hash, "payload_sha256"),
     "bad_tensor_entry": (_bad_tensor_entry, "malformed"),
+    "edited_caller_meta": (_edited_caller_meta, "meta_sha256 mismatch"),
+    "no_meta_hash": (_no_meta_hash, "meta_sha256"),
+    "schema_1_entry": (_schema_1_entry, "older pidrt"),
 }
 
 
@@ -267,7 +288,8 @@ def test_file_renamed_to_another_id_is_corrupt(store):
         store.get(other)
 
 
-@pytest.mark.parametrize("name", ["flip_payload_byte", "truncate", "garble_header", "wrong_id_in_meta"])
+@pytest.mark.parametrize("name", ["flip_payload_byte", "truncate", "garble_header", "wrong_id_in_meta",
+                                  "edited_caller_meta", "schema_1_entry"])
 def test_get_or_create_rebuilds_corrupt_entry(store, name, caplog):
     key, tensors = make_key(), make_tensors()
     store.put(key, tensors, {"v": "1"})
@@ -286,6 +308,37 @@ def test_get_or_create_rebuilds_corrupt_entry(store, name, caplog):
     again, again_meta = store.get(id_)  # the file is valid afterwards
     assert_same(again, tensors)
     assert again_meta == {"v": "2"}
+
+
+def test_edited_metadata_is_never_returned(store, caplog):
+    """Every metadata value a generation reads is verified: list, show and get refuse an edited one."""
+    key = make_key()
+    store.put(key, make_tensors(), {"query": "x", "n_tokens": "4"})
+    path = store.path(key.id)
+    _rewrite_header(path, lambda h: h["__metadata__"].update(query="z"))
+    for read in (store.get, store.show):
+        with pytest.raises(CorruptEntryError, match="metadata changed"):
+            read(key.id)
+    with caplog.at_level(logging.WARNING, logger="pidrt.identity.store"):
+        assert store.list() == []
+    assert any(key.id in r.getMessage() for r in caplog.records)
+
+
+def test_store_folder_errors(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for root in (a_file, a_file / "below"):
+        with pytest.raises(PidrtError, match="is a file|cannot create"):
+            IdentityStore(root)
+    with pytest.raises(PidrtError, match="no identity store"):
+        IdentityStore(tmp_path / "typo", create=False)
+    assert not (tmp_path / "typo").exists()  # only writers create stores
+
+
+def test_unknown_identity_message_names_no_path(store):
+    with pytest.raises(UnknownIdentityError) as exc:
+        store.get("ip-0123456789abcdef")
+    assert str(store.root) not in str(exc.value) and "ip-0123456789abcdef" in str(exc.value)
 
 
 def test_get_or_create_hit_and_miss(store):

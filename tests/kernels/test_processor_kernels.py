@@ -27,7 +27,11 @@ def test_kernel_path_equals_reference_path():
         unet(x[:1], t[:1], encoder_hidden_states=ctx[:1])
     feats, state.record = {k: v[0][0] for k, v in state.record.items()}, None
     kv = project_eaa(eaa, layers, feats)
-    cases = {"sca": few_token_payloads(unet, layers, [ident, None]), "eaa": eaa_payloads(layers, [kv, None])}
+    post = SCAAdapter.random(layers, 32, seed=2, residual="post_out")  # a nonzero score bias (b_o W'_q)
+    post_ident = SCAIdentity(post, post.mapping(torch.randn(1, 18, 512, generator=g))[0])
+    cases = {"sca": few_token_payloads(unet, layers, [ident, None]), "eaa": eaa_payloads(layers, [kv, None]),
+             "sca_post_out": few_token_payloads(unet, layers, [post_ident, None])}
+    assert any(p.branch.score_bias.abs().max() > 0 for p in cases["sca_post_out"].values())
     for name, payloads in cases.items():
         outs = []
         for kernels in (False, True):

@@ -108,3 +108,41 @@ def test_bad_files_are_named_errors(tmp_path, layers):
     save_file({"x": torch.zeros(1)}, tmp_path / "future.safetensors", metadata={"pidrt_schema": "9", "kind": "sca"})
     with pytest.raises(FormatError, match="schema"):
         load_adapter(tmp_path / "future.safetensors", layers, D)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, layers, bad):
+    ip = IPAdapterWeights.random(layers, D).tensors()
+    ip["ip_adapter.3.to_v_ip.weight"] = ip["ip_adapter.3.to_v_ip.weight"].clone()
+    ip["ip_adapter.3.to_v_ip.weight"][0, 1] = bad
+    save_file(ip, tmp_path / "ip.safetensors")
+    with pytest.raises(FormatError, match=r"'ip_adapter\.3\.to_v_ip\.weight' has non-finite") as err:
+        load_adapter(tmp_path / "ip.safetensors", layers, D)
+    assert "ip.safetensors" in str(err.value)
+    # A published W+ adapter .bin: the message names the file's own key, not pidrt's renaming.
+    ref = SCAAdapter.random(layers, D, seed=2)
+    w_proj = {k[len("mapping."):]: v for k, v in ref.tensors().items() if k.startswith("mapping.")}
+    wplus = {f"{i}.to_q_wplus.weight": w["to_q.weight"] for i, w in ref.layers.items()}
+    wplus["1.to_q_wplus.weight"] = torch.full_like(wplus["1.to_q_wplus.weight"], bad)
+    torch.save({"w_proj": w_proj, "wplus_adapter": wplus}, tmp_path / "wplus_adapter.bin")
+    with pytest.raises(FormatError, match=r"'wplus_adapter\.1\.to_q_wplus\.weight' has non-finite"):
+        load_adapter(tmp_path / "wplus_adapter.bin", layers, D)
+
+
+def test_default_scale_metadata(tmp_path, layers):
+    adapter = SCAAdapter.random(layers, D, seed=1)
+    assert load_adapter(_saved(tmp_path / "plain.safetensors", adapter), layers, D).default_scale is None
+    adapter.default_scale = 0.55
+    assert load_adapter(_saved(tmp_path / "scaled.safetensors", adapter), layers, D).default_scale == 0.55
+    eaa = EAAAdapter.random(layers, latent_size=8, n_levels=4, s_c=16)
+    eaa.default_scale = 0.7
+    assert load_adapter(_saved(tmp_path / "e.safetensors", eaa), layers, D).default_scale == 0.7
+    tensors = IPAdapterWeights.random(layers, D).tensors()
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={"kind": "ip", "default_scale": "lots"})
+    with pytest.raises(FormatError, match="default_scale"):
+        load_adapter(tmp_path / "bad.safetensors", layers, D)
+
+
+def _saved(path, adapter):
+    save_adapter(path, adapter)
+    return path

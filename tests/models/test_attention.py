@@ -71,7 +71,8 @@ def test_no_payload_and_zero_scale_equal_base_exactly(unet, inputs, base):
 
 @pytest.mark.parametrize("residual", ["pre_out", "post_out"])
 def test_sca_matches_paper_transcription(unet, residual):
-    """Z + lambda * softmax(Q'K'^T/sqrt(d)) V' with Q' = Z W'_q, K' = c W'_k, V' = c W'_v (methods.md 1)."""
+    """Z + lambda * softmax(Q'K'^T/sqrt(d)) V' with Q' = Z W'_q, K' = c W'_k, V' = c W'_v (methods.md 1);
+    post_out: Z_out + lambda * (SCA(Z_out) W'_o + b'_o) with Z_out = to_out(Z)."""
     layers = attention_layers(unet)
     layer = next(l for l in layers if l.kind == "cross" and l.channels == 64)
     attn = dict(unet.named_modules())[layer.name]
@@ -92,11 +93,12 @@ def test_sca_matches_paper_transcription(unet, residual):
 
     z = heads_attn(x[0] @ attn.to_q.weight.T, ctx[0] @ attn.to_k.weight.T, ctx[0] @ attn.to_v.weight.T)
     w = ident.adapter.layers[layer.index]
-    sca = heads_attn(z @ w["to_q.weight"].T, ident.tokens @ w["to_k.weight"].T, ident.tokens @ w["to_v.weight"].T)
+    q_in = z if residual == "pre_out" else attn.to_out[0](z)
+    sca = heads_attn(q_in @ w["to_q.weight"].T, ident.tokens @ w["to_k.weight"].T, ident.tokens @ w["to_v.weight"].T)
     if residual == "pre_out":
         expected = attn.to_out[0](z + lam * sca)
     else:
-        expected = attn.to_out[0](z) + lam * (sca @ w["to_out.weight"].T + w["to_out.bias"])
+        expected = q_in + lam * (sca @ w["to_out.weight"].T + w["to_out.bias"])
 
     state = branch_state(unet)
     for folded in (False, True):

@@ -268,6 +268,42 @@ def test_eaa_identity_needs_its_enrollment_step_count(make_gen, photos):
         gen.submit(GenerationRequest("p", identity=eaa))
 
 
+def test_eaa_identity_steps_are_the_default(make_gen, photos):
+    """A request naming only an EAA identity runs the step count it was enrolled for."""
+    gen = make_gen()
+    eaa = gen.enroll([photos[0]], "eaa", steps=STEPS + 1).identity_id
+    result = gen.generate(GenerationRequest("p", identity=eaa, seed=1), timeout=60)
+    assert result.request.steps == STEPS + 1 and result.request.scale == 0.8
+    assert gen.resolve(GenerationRequest("p")).steps == STEPS  # no identity: the server's default
+
+
+def test_default_scale_per_method_and_adapter_metadata(tiny_pipe, enroller, make_gen):
+    gen = make_gen()
+    scale = {m: gen.resolve(GenerationRequest("p", identity=f"{m}-0123456789abcdef", steps=STEPS)).scale
+             for m in ("sca", "ip", "eaa")}
+    assert scale == {"sca": 0.4, "ip": 1.0, "eaa": 0.8}  # PIDiff, diffusers, Inv-Adapter's [0.6, 1]
+    assert gen.resolve(GenerationRequest("p")).scale == 0.0  # no identity, no branch
+    assert gen.resolve(GenerationRequest("p", identity="sca-0123456789abcdef", scale=0.9)).scale == 0.9
+    # An adapter file's default_scale overrides the paper's; an explicit server default overrides both.
+    import dataclasses
+
+    ip = dataclasses.replace(enroller.encoders.ip, default_scale=0.6)
+    tuned = Enroller(tiny_pipe, enroller.store, dataclasses.replace(enroller.encoders, ip=ip))
+    with Generator(tiny_pipe, tuned, config()) as g:
+        assert g.resolve(GenerationRequest("p", identity="ip-0123456789abcdef")).scale == 0.6
+    fixed = make_gen(defaults=Defaults(steps=STEPS, guidance=5.0, scale=0.3))
+    assert fixed.resolve(GenerationRequest("p", identity="sca-0123456789abcdef")).scale == 0.3
+
+
+def test_seed_bound_allows_the_last_seed(make_gen):
+    gen = make_gen()
+    top = 2**63 - 1
+    assert gen.resolve(GenerationRequest("p", seed=top)).seeds == (top,)
+    assert gen.resolve(GenerationRequest("p", seed=top - 1, n=2)).seeds == (top - 1, top)
+    with pytest.raises(InvalidRequest, match="seed"):
+        gen.resolve(GenerationRequest("p", seed=top, n=2))
+
+
 def test_identity_device_cache_serves_conditions(tmp_path, photos):
     """With a byte budget the artifacts live in the DeviceCache; images equal the host path."""
     from pidrt.serve.factory import build_generator

@@ -115,6 +115,11 @@ BAD_GENERATIONS = [
     ({"prompt": "p", "identity": "not an id"}, 404, "unknown identity"),
     ({"prompt": "p", "method": "dreambooth", "identity": "ip-0123456789abcdef"}, 400, "method"),
     ({"prompt": "x" * 5000}, 400, "characters"),
+    ({"prompt": "p", "seed": 2**63 - 1, "n": 2}, 400, "seed"),  # the last image's seed would pass the maximum
+    ({"prompt": "p", "seed": 2**63}, 400, "seed"),
+    ({"prompt": "p", "scale": -0.5}, 400, "scale"),
+    ({"prompt": "p", "identity": "eaa-0123456789abcdef"}, 404, "unknown identity"),  # its steps default reads the store
+    ({"prompt": "p", "identity": "sca-0123456789abcdef", "steps": 2}, 404, "unknown identity"),
 ]
 
 
@@ -140,6 +145,8 @@ def test_bad_input_gets_a_clear_4xx(app, generator, photos, call):
             ({"files": [("images", ("a.png", photos[0], "image/png"))], "data": {"method": "lora"}}, 400, "method"),
             ({"files": [("images", ("a.png", photos[0], "image/png"))], "data": {"method": "eaa", "steps": "0"}},
              400, "steps"),
+            ({"files": [("images", ("a.png", photos[0], "image/png"))], "data": {"steps": "many"}}, 400, "steps"),
+            ({"files": [("images", ("me.jpg", b"GIF89a not really", "image/gif"))]}, 400, "me.jpg"),
             ({"data": {"method": "ip"}}, 400, "images"),
         ]
         for kw, status, words in cases:
@@ -159,8 +166,11 @@ def test_bad_input_gets_a_clear_4xx(app, generator, photos, call):
         assert 'pidrt_errors_total{type="unknown_identity"}' in metrics
 
     async def go_small(c):
+        r = await c.post("/v1/identities", files=[("images", ("big.png", b"x" * 5000, "image/png"))])
+        assert r.status_code == 413 and "big.png is larger than the 1000 byte limit" in r.json()["error"]["message"]
+        # Past what any valid upload can be (every file at its limit): refused as the body streams in.
         r = await c.post("/v1/identities", files=[("images", ("big.png", photos[0], "image/png"))])
-        assert r.status_code == 413 and "1000 byte limit" in r.json()["error"]["message"]
+        assert r.status_code == 413 and "byte limit" in r.json()["error"]["message"]
         r = await c.post("/v1/identities", files=[("images", (f"{i}.png", b"x", "image/png")) for i in range(3)])
         assert r.status_code == 400 and "limit is 2" in r.json()["error"]["message"]
 
