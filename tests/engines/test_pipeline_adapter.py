@@ -16,8 +16,6 @@ from pidrt.models.presets import TINY
 from pidrt.runtime.conditioning import FewTokenCondition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 CFG = SamplingConfig(steps=2, guidance=5.0, height=64, width=64)
 
 
