@@ -11,6 +11,7 @@ import argparse
 
 import numpy as np
 import pytest
+import skimage.data as skdata
 import torch
 
 from pidrt.errors import FormatError, PidrtError
@@ -29,16 +30,12 @@ def full() -> E4EEncoder:
 
 @pytest.fixture(scope="module")
 def aligned_face() -> torch.Tensor:
-    """The astronaut photo, FFHQ-aligned (real landmarks when MTCNN is there, Haar otherwise)."""
-    skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
+    """The astronaut photo, FFHQ-aligned on Haar landmarks (the `test` extra's OpenCV)."""
     from pidrt.identity.align import align_ffhq
     from pidrt.identity.faces import detect_faces, select_face
 
     img = skdata.astronaut()
-    try:
-        face = select_face(detect_faces(img), name="astronaut")
-    except PidrtError as exc:  # no detector installed
-        pytest.skip(f"no face detector: {exc}")
+    face = select_face(detect_faces(img, "haar"), name="astronaut")
     return image_to_tensor(align_ffhq(img, face.landmarks5, 256))
 
 
