@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import skimage.data as skdata
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 from pidrt.errors import PidrtError
 from pidrt.identity import align
@@ -235,9 +236,27 @@ def test_ffhq_alignment_puts_eyes_where_predicted(astronaut, backend):
 
 
 def test_ffhq_alignment_pads_faces_at_the_border(astronaut):
+    """The quad leaves the image at the top and left: FFHQ's script reflect-pads it, blurs the
+    padding and fades it to the median colour with the distance from the edge."""
     lm = np.array([[20.0, 40.0], [60.0, 40.0], [40.0, 60.0], [25.0, 80.0], [55.0, 80.0]])
-    out = align.align_ffhq(astronaut, lm, 128)  # quad leaves the image: reflect-padding path
+    out = align.align_ffhq(astronaut, lm, 128).astype(float)
     assert out.shape == (128, 128, 3)
+    m = align.ffhq_matrix(lm, 128)
+    inv = cv2.invertAffineTransform(m)
+    yy, xx = np.mgrid[:128, :128]
+    sx, sy = (inv[i, 0] * xx + inv[i, 1] * yy + inv[i, 2] for i in (0, 1))  # where each output pixel samples
+    _, qsize = align.ffhq_quad(lm)
+    # Well inside the image (past the band the padding's blur reaches, 0.3 * qsize / 3 = 16 px):
+    # the plain warp, as OpenCV computes it, whatever the padding did to the quad's coordinates.
+    inside = (sx > 20) & (sy > 20)
+    plain = cv2.warpAffine(astronaut, m, (128, 128), flags=cv2.INTER_LINEAR).astype(float)
+    assert inside.sum() > 5000 and np.abs(out - plain)[inside].max() <= 1.0
+    # Just outside: the blurred image mirrored about the edge (OpenCV's reflect-101 border), not a fill.
+    blurred = gaussian_filter(astronaut.astype(np.float32), [qsize * 0.02, qsize * 0.02, 0])
+    mirrored = cv2.warpAffine(blurred, m, (128, 128), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    edge = (np.maximum(-sx, -sy) > 0) & (np.maximum(-sx, -sy) <= 3)
+    assert edge.sum() > 300 and np.abs(out - mirrored)[edge].mean() < 4
+    assert np.abs(out - plain)[edge].mean() > 50  # plain's black fill there is far from it
     with pytest.raises(PidrtError, match="5 finite"):
         align.align_ffhq(astronaut, lm[:4], 128)
 
@@ -249,8 +268,13 @@ def test_square_crop_sizes_and_edges(astronaut):
     # the square has the box's longer side (110 px) and is centred on the box
     ref = np.asarray(Image.fromarray(astronaut[62:172, 169:279]).resize((512, 512), Image.Resampling.LANCZOS))
     assert np.abs(out.astype(int) - ref).mean() < 3
-    corner = align.square_crop(astronaut, [0, 0, 60, 60], 256, margin=0.5)  # partly outside
-    assert corner.shape == (256, 256, 3)
+    # partly outside: a 120 px square from (-30, -30), the missing rows and columns replicate the edge
+    corner = align.square_crop(astronaut, [0, 0, 60, 60], 120, margin=0.5)
+    replicated = cv2.copyMakeBorder(astronaut, 30, 0, 30, 0, cv2.BORDER_REPLICATE)[:120, :120]
+    assert np.array_equal(corner, replicated)
+    resized = align.square_crop(astronaut, [0, 0, 60, 60], 256, margin=0.5)
+    ref = np.asarray(Image.fromarray(replicated).resize((256, 256), Image.Resampling.LANCZOS))
+    assert resized.shape == (256, 256, 3) and np.abs(resized.astype(int) - ref).max() <= 1
     with pytest.raises(PidrtError, match="invalid face box"):
         align.square_crop(astronaut, [10, 10, 5, 5])
 
