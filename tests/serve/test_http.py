@@ -168,18 +168,18 @@ def test_bad_input_gets_a_clear_4xx(app, generator, photos, call):
     call(small, go_small)
 
 
-def test_mixed_identity_batch_matches_single_requests(app, identities, call):
+def test_mixed_identity_batch_matches_single_requests(app, generator, identities, call, hold_worker):
     bodies = [{"prompt": "a portrait", "identity": identities[0], "seed": 31},
               {"prompt": "a landscape", "seed": 32, "n": 2},
               {"prompt": "a portrait", "identity": identities[1], "seed": 33, "scale": 0.5}]
 
     async def go(c):
-        # A long request first: the three below queue up behind it and then share one batch.
-        blocker = asyncio.ensure_future(c.post(GEN, json={"prompt": "wait", "steps": 12}))
-        while not (await c.get("/v1/stats")).json()["running"]:
-            await asyncio.sleep(0.01)
-        batched = await asyncio.gather(*(c.post(GEN, json=b) for b in bodies))
-        await blocker
+        # The worker is held until the three requests are queued: then they share one batch.
+        with hold_worker(generator):
+            posts = asyncio.gather(*(c.post(GEN, json=b) for b in bodies))
+            while (await c.get("/v1/stats")).json()["queue_depth"] < len(bodies):
+                await asyncio.sleep(0.01)
+        batched = await posts
         singles = [await c.post(GEN, json=b) for b in bodies]
         return [r.json() for r in batched], [r.json() for r in singles]
 
