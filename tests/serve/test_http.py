@@ -234,16 +234,16 @@ def test_job_cancel_stops_it_and_frees_the_worker(app, generator, call):
     assert after.status_code == 200  # the worker stopped the cancelled batch between steps and went on
 
 
-def test_full_queue_answers_429_with_retry_after(generator, call, make_config):
+def test_full_queue_answers_429_with_retry_after(generator, call, make_config, hold_worker):
     tight = Generator(generator.pipe, generator.enroller, make_config(max_batch=1, queue_size=1))
     app = create_app(tight, own=True)
 
     async def go(c):
-        blocker = asyncio.ensure_future(c.post(GEN, json={"prompt": "wait", "steps": 10}))
-        while not tight.stats()["running"]:
-            await asyncio.sleep(0.01)
-        rs = await asyncio.gather(*(c.post(GEN, json={"prompt": "p", "seed": s}) for s in range(4)))
-        await blocker
+        with hold_worker(tight):  # busy until one request is queued and the other three refused
+            posts = [asyncio.ensure_future(c.post(GEN, json={"prompt": "p", "seed": s})) for s in range(4)]
+            while sum(p.done() for p in posts) < 3:
+                await asyncio.sleep(0.01)
+        rs = await asyncio.gather(*posts)
         return rs, (await c.get("/metrics")).text
 
     try:
