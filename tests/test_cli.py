@@ -79,8 +79,13 @@ def test_export_verify_build(tmp_path, capsys):
     assert main(["verify", str(out), "--backend", "ort"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and all(g["max_abs"] < 1e-4 for g in report["graphs"].values())
-    assert main(["verify", str(out), "--backend", "ort", "--atol", "0"]) == 1
-    capsys.readouterr()
+    # A tolerance below the measured error fails those graphs. ORT and torch may agree bit for bit
+    # on some machine (every error 0): then even --atol 0 passes, and that is what is checked.
+    worst = max(g["max_abs"] for g in report["graphs"].values())
+    atol = worst / 2
+    assert main(["verify", str(out), "--backend", "ort", "--atol", repr(atol)]) == (1 if worst > 0 else 0)
+    strict = json.loads(capsys.readouterr().out)
+    assert strict["failed"] == sorted(n for n, g in strict["graphs"].items() if g["max_abs"] > atol)
     try:
         import tensorrt  # noqa: F401
     except ImportError:

@@ -19,8 +19,6 @@ from pidrt.models.presets import TINY
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not HAVE_TRT or not torch.cuda.is_available(),
                                reason="TensorRT and a CUDA GPU are needed (tensorrt cannot be installed on CPU CI)")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +106,7 @@ def test_runners_of_every_kind(models, folder):
     assert runners.unet.method == "none"
 
 
+@pytest.mark.gpu
 @needs_trt
 def test_trt_engine_matches_ort(folder, tmp_path):
     from pidrt.engines.trt_backend import BuildOptions, build_engine

@@ -1,21 +1,16 @@
-"""Swapping diffusers' GroupNorm blocks for the fused kernel (interpreter on CPU), against the originals."""
+"""Swapping diffusers' GroupNorm blocks for the fused kernel (interpreter on CPU, compiled on a
+GPU: the `device` fixture), against the originals."""
 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="the kernel's CPU path needs TRITON_INTERPRET=1")
-
-from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
-
-from pidrt.engines.fused_norms import FusedResnetBlock, fuse_group_norms, resnet_fusable  # noqa: E402
+from pidrt.engines.fused_norms import FusedResnetBlock, fuse_group_norms, resnet_fusable
 
 
 def block(**kw) -> ResnetBlock2D:
@@ -26,12 +21,13 @@ def block(**kw) -> ResnetBlock2D:
     return b
 
 
+@pytest.mark.usefixtures("ieee_fp32")
 @pytest.mark.parametrize("with_temb", [True, False])
-def test_resnet_block_matches_diffusers(with_temb):
-    original = block() if with_temb else block(temb_channels=None)
+def test_resnet_block_matches_diffusers(with_temb, device):
+    original = (block() if with_temb else block(temb_channels=None)).to(device)
     fused = FusedResnetBlock(copy.deepcopy(original))
-    x = torch.randn(2, 32, 6, 5).contiguous(memory_format=torch.channels_last)
-    temb = torch.randn(2, 16) if with_temb else None
+    x = torch.randn(2, 32, 6, 5, device=device).contiguous(memory_format=torch.channels_last)
+    temb = torch.randn(2, 16, device=device) if with_temb else None
     with torch.no_grad():
         assert (fused(x, temb) - original(x, temb)).abs().max() < 1e-4
     assert fused.state_dict().keys() == original.state_dict().keys()

@@ -16,8 +16,6 @@ from pidrt.export.testing import tiny_export
 from pidrt.models.build import build_random
 from pidrt.models.presets import TINY
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 TEXT = ExportOptions(kinds=("text_encoder",))
 
 

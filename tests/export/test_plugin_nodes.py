@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-from pidrt.engines.ort_backend import OrtRunner  # noqa: E402
-from pidrt.export.commands import ExportOptions, _feed_for, export_models, verify  # noqa: E402
-from pidrt.export.manifest import graph_entries, models_from_source  # noqa: E402
-from pidrt.export.plugin_nodes import lower_plugin_nodes, plugin_nodes  # noqa: E402
-from pidrt.export.specs import ModelSpec, SpecOptions  # noqa: E402
-from pidrt.export.testing import tiny_export  # noqa: E402
+from pidrt.engines.ort_backend import OrtRunner
+from pidrt.export.commands import ExportOptions, _feed_for, export_models, verify
+from pidrt.export.manifest import graph_entries, models_from_source
+from pidrt.export.plugin_nodes import lower_plugin_nodes, plugin_nodes
+from pidrt.export.specs import ModelSpec, SpecOptions
+from pidrt.export.testing import tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,9 @@ def test_hit_and_miss_counts():
     first = cache.get("sca-a", load)
     second = cache.get("sca-a", load)
     assert load.calls == 1
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    want = entry(10)  # built afresh: what the loader gave, independently of the cache
+    assert first.keys() == second.keys() == want.keys() and all(torch.equal(second[k], want[k]) for k in want)
+    assert all(second[k].data_ptr() == first[k].data_ptr() for k in want)  # the hit serves the cached copy
     assert "sca-a" in cache and "sca-b" not in cache and len(cache) == 1
     assert cache.used_bytes == 10 * KB
     st = cache.stats()

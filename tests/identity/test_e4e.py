@@ -11,7 +11,9 @@ import argparse
 
 import numpy as np
 import pytest
+import skimage.data as skdata
 import torch
+import torch.nn.functional as F
 
 from pidrt.errors import FormatError, PidrtError
 from pidrt.identity.e4e import E4EEncoder, aggregate, image_to_tensor, mix_styles
@@ -29,16 +31,12 @@ def full() -> E4EEncoder:
 
 @pytest.fixture(scope="module")
 def aligned_face() -> torch.Tensor:
-    """The astronaut photo, FFHQ-aligned (real landmarks when MTCNN is there, Haar otherwise)."""
-    skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
+    """The astronaut photo, FFHQ-aligned on Haar landmarks (the `test` extra's OpenCV)."""
     from pidrt.identity.align import align_ffhq
     from pidrt.identity.faces import detect_faces, select_face
 
     img = skdata.astronaut()
-    try:
-        face = select_face(detect_faces(img), name="astronaut")
-    except PidrtError as exc:  # no detector installed
-        pytest.skip(f"no face detector: {exc}")
+    face = select_face(detect_faces(img, "haar"), name="astronaut")
     return image_to_tensor(align_ffhq(img, face.landmarks5, 256))
 
 
@@ -92,10 +90,39 @@ def test_published_parameter_names_and_shapes(full):
     assert sum(v.numel() for v in enc.parameters()) > 260_000_000
 
 
-def test_full_size_encode_shape(full):
-    x = torch.rand(1, 3, 256, 256) * 2 - 1
-    w = full.encode(x)
-    assert w.shape == (1, 18, 512) and torch.isfinite(w).all()
+def test_full_size_encode_is_e4e_composition(full):
+    """At the published size, W+ is e4e's composition of the encoder's parts (Tov et al. 2021,
+    as e4e's Encoder4Editing.forward runs it): the feature maps after IR-50's stages 2, 3, 4
+    (64x64x128, 32x32x256, 16x16x512) feed the 16x16 map to styles 0-2, the FPN's 32x32 map to
+    3-6 and its 64x64 map to 7-17; row 0 is w0, row i is w0 + style i, plus latent_avg. Hooks
+    record what each part saw and gave in one encode call, so nothing big runs twice."""
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    stage_ends = {6: "c1", 20: "c2", 23: "c3"}  # units per stage: 3, 4, 14, 3
+    seen, gave = {}, {}
+
+    def record(key):
+        def hook(module, args, out):
+            seen[key], gave[key] = args[0], out
+        return hook
+
+    hooks = [full.body[i].register_forward_hook(record(k)) for i, k in stage_ends.items()]
+    hooks += [s.register_forward_hook(record(i)) for i, s in enumerate(full.styles)]
+    try:
+        w = full.encode(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    c1, c2, c3 = gave["c1"], gave["c2"], gave["c3"]
+    assert [tuple(c.shape[1:]) for c in (c1, c2, c3)] == [(128, 64, 64), (256, 32, 32), (512, 16, 16)]
+    up_add = lambda a, b: F.interpolate(a, size=b.shape[-2:], mode="bilinear", align_corners=True) + b  # noqa: E731
+    with torch.inference_mode():
+        p2 = up_add(c3, full.latlayer1(c2))
+        p1 = up_add(p2, full.latlayer2(c1))
+    for i in range(18):
+        torch.testing.assert_close(seen[i], c3 if i < 3 else p2 if i < 7 else p1)
+    rows = [gave[0]] + [gave[0] + gave[i] for i in range(1, 18)]
+    assert w.shape == (1, 18, 512)
+    torch.testing.assert_close(w, torch.stack(rows, 1) + full.latent_avg)
 
 
 def test_encode_real_aligned_face(small, aligned_face):

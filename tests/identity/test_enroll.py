@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pidrt.errors import PidrtError
 from pidrt.identity.enroll import Enroller, EnrollOptions
@@ -113,11 +114,24 @@ def test_multi_reference_and_key_fields(enroller, photo):
     two = enroller.enroll([photo, flipped.getvalue()], EnrollOptions("ip", steps=STEPS)).identity_id
     weighted = enroller.enroll([photo, flipped.getvalue()], EnrollOptions("ip", reference_weights=(3.0, 1.0))).identity_id
     assert len({one, two, weighted}) == 3
+    # IP-Adapter's tokens are the projection of the (weighted) average of the references' embeddings
+    e1, e2 = (enroller.ip_embeddings([img], EnrollOptions("ip"))[0] for img in (photo, flipped.getvalue()))
+    assert (e1 - e2).abs().max() > 1e-3  # the mirror image is another reference
+    project = enroller.encoders.ip.image_proj
+    for ident, mean in ((one, e1), (two, (e1 + e2) / 2), (weighted, (3 * e1 + e2) / 4)):
+        with torch.no_grad():
+            want = project(mean[None])[0]
+        assert (enroller.store.get(ident)[0]["tokens.cond"] - want).abs().max() < 1e-5
     eaa2 = enroller.enroll([photo, flipped.getvalue()], EnrollOptions("eaa", steps=STEPS))
     cond = enroller.condition(eaa2.identity_id)
-    single = enroller.condition(enroller.enroll([photo], EnrollOptions("eaa", steps=STEPS)).identity_id)
-    name = next(iter(cond.steps[0]))
-    assert cond.steps[0][name][0].shape[0] == 2 * single.steps[0][name][0].shape[0]
+    singles = [enroller.condition(enroller.enroll([img], EnrollOptions("eaa", steps=STEPS)).identity_id)
+               for img in (photo, flipped.getvalue())]
+    # EAA keeps every reference: each step's K and V are the references' K and V, concatenated
+    for t, step in enumerate(cond.steps):
+        for name, kv in step.items():
+            for i in (0, 1):
+                want = torch.cat([single.steps[t][name][i] for single in singles])
+                assert kv[i].shape == want.shape and (kv[i] - want).abs().max() < 1e-5, (t, name, i)
     assert cond.latents_t.shape[0] == 2
     other_steps = enroller.enroll([photo], EnrollOptions("eaa", steps=STEPS + 1)).identity_id
     assert other_steps != eaa2.identity_id

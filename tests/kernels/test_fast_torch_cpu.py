@@ -1,12 +1,11 @@
-"""The fast torch backend with its Triton kernels, in the interpreter on CPU, against the reference.
+"""The fast torch backend with its Triton kernels in fp32 against the reference: in the
+interpreter on CPU, compiled where a GPU is (the `device` fixture).
 
 One interpreted UNet call costs seconds, so this is a single generation step; the EAA kernel
 path is covered at the processor level by test_processor_kernels.py.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -20,9 +19,9 @@ from pidrt.runtime.conditioning import FewTokenCondition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path of the kernels needs TRITON_INTERPRET=1")
-def test_fast_pipeline_with_kernels_matches_reference_on_cpu():
-    ref = Pipeline(build_random(TINY, seed=0))
+@pytest.mark.usefixtures("ieee_fp32")
+def test_fast_pipeline_with_kernels_matches_reference(device):
+    ref = Pipeline(build_random(TINY, seed=0), device)
     fast = make_fast(ref, FastTorchConfig(dtype=torch.float32, kernels=True, cuda_graphs=False, channels_last=True))
     adapter = SCAAdapter.random(ref.layers, 32, seed=1)
     w = torch.randn(1, 18, 512, generator=torch.Generator().manual_seed(1))
@@ -37,10 +36,10 @@ def test_fast_pipeline_with_kernels_matches_reference_on_cpu():
     assert (got.images - want.images).abs().max() < 1e-4
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path of the kernels needs TRITON_INTERPRET=1")
+@pytest.mark.usefixtures("ieee_fp32")
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_norms_match_the_reference_unet(channels_last):
-    ref = Pipeline(build_random(TINY, seed=0))
+def test_fused_norms_match_the_reference_unet(channels_last, device):
+    ref = Pipeline(build_random(TINY, seed=0), device)
     config = FastTorchConfig(dtype=torch.float32, kernels=False, fused_norms=True, cuda_graphs=False,
                              channels_last=channels_last)
     fast = make_fast(ref, config)
@@ -51,7 +50,7 @@ def test_fused_norms_match_the_reference_unet(channels_last):
     assert fast.models.unet.state_dict().keys() == ref.models.unet.state_dict().keys()
     g = torch.Generator().manual_seed(3)
     x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, TINY.unet.cross_attention_dim, generator=g)
-    t = torch.tensor([500, 20])
+    x, ctx, t = x.to(device), ctx.to(device), torch.tensor([500, 20], device=device)
     want = ref.unet(x, t, ctx)
     got = fast.unet(x, t, ctx)
     assert (got - want).abs().max() < 1e-4

@@ -103,10 +103,13 @@ def test_other_strides_are_made_contiguous(device):
     check(out, group_norm_reference(view.contiguous(), w, b, 4), torch.float32)
 
 
-@pytest.mark.parametrize("cpg, expected", [(10, (8, 16)), (20, (4, 32)), (30, (4, 32)), (40, (2, 64)),
-                                           (80, (1, 128)), (300, (1, 512)), (1, (128, 1))])
-def test_programs_take_whole_groups_padded_to_a_power_of_two(cpg, expected):
-    assert _group_block(cpg) == expected
+@pytest.mark.parametrize("cpg", [1, 10, 20, 30, 40, 80, 300])
+def test_programs_take_whole_groups_padded_to_a_power_of_two(cpg):
+    # the properties the kernel's masks rely on; how many lanes a program gets is the tile choice
+    # (_group_block's docstring), which the numerical tests above run through
+    groups, padded = _group_block(cpg)
+    assert padded >= cpg and padded & (padded - 1) == 0 and (padded == 1 or padded < 2 * cpg)
+    assert groups >= 1 and groups & (groups - 1) == 0
 
 
 def test_bad_input_is_refused_clearly(device):

@@ -70,17 +70,38 @@ def test_published_ip_adapter_bin_and_safetensors(tmp_path, layers, proj):
         assert same(got.tensors(), flat)
 
 
+# The W+ adapter's checkpoint (csxmli2016/w-plus-adapter, w_plus_adapter/w_plus_adapter.py):
+# "w_proj" is WProjModel's state dict, one bias-free Linear per group of W+ rows (proj_index
+# [4, 8, 12, 18]) and a LayerNorm; "wplus_adapter" is the ModuleList of all 32 attention
+# processors, of which the attn2 ones (odd indices) hold WPlusAttnProcessor's three Linears.
+WPLUS_W_PROJ = {"proj_0.weight": (D, 4 * 512), "proj_1.weight": (D, 4 * 512), "proj_2.weight": (D, 4 * 512),
+                "proj_3.weight": (D, 6 * 512), "norm.weight": (D,), "norm.bias": (D,)}
+WPLUS_PROCESSOR = ("to_k_wplus.weight", "to_v_wplus.weight", "to_q_wplus.weight")
+
+
 def test_published_wplus_adapter(tmp_path, layers):
-    ref = SCAAdapter.random(layers, D, seed=2)
-    w_proj = {k[len("mapping."):]: v for k, v in ref.tensors().items() if k.startswith("mapping.")}
+    g = torch.Generator().manual_seed(2)
+    w_proj = {k: torch.randn(*shape, generator=g) * 0.02 for k, shape in WPLUS_W_PROJ.items()}
     wplus = {}
-    for index, w in ref.layers.items():
-        for ours, theirs in (("to_q", "to_q_wplus"), ("to_k", "to_k_wplus"), ("to_v", "to_v_wplus")):
-            wplus[f"{index}.{theirs}.weight"] = w[f"{ours}.weight"]
+    for layer in layers:
+        if layer.index % 2:  # attn2: k, v read the D-wide tokens, q the layer's own width
+            for name in WPLUS_PROCESSOR:
+                cin = layer.channels if name.startswith("to_q") else D
+                wplus[f"{layer.index}.{name}"] = torch.randn(layer.channels, cin, generator=g)
     torch.save({"w_proj": w_proj, "wplus_adapter": wplus}, tmp_path / "wplus_adapter.bin")
     got = load_adapter(tmp_path / "wplus_adapter.bin", layers, D)
     assert isinstance(got, SCAAdapter) and got.residual == "pre_out" and got.mapping.norm is not None
-    assert same(got.tensors(), ref.tensors())
+    for index, weights in got.layers.items():
+        for ours in ("to_q", "to_k", "to_v"):
+            assert torch.equal(weights[f"{ours}.weight"], wplus[f"{index}.{ours}_wplus.weight"])
+    assert sorted(got.layers) == list(range(1, 32, 2))
+    # F(w) as WProjModel.forward computes it: one token per row group, then the LayerNorm
+    w = torch.randn(2, 18, 512, generator=g)
+    tokens = torch.stack([w[:, a:b].flatten(1) @ w_proj[f"proj_{i}.weight"].T
+                          for i, (a, b) in enumerate(((0, 4), (4, 8), (8, 12), (12, 18)))], dim=1)
+    expected = torch.nn.functional.layer_norm(tokens, (D,), w_proj["norm.weight"], w_proj["norm.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(got.mapping(w), expected)
 
 
 def test_bad_files_are_named_errors(tmp_path, layers):

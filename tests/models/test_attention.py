@@ -195,8 +195,10 @@ def test_eaa_matches_paper_transcription(unet):
             got = attn(x, encoder_hidden_states=None if layer.kind == "self" else ctx)
             state.clear()
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        plain = attn(x[:1], encoder_hidden_states=None if layer.kind == "self" else ctx[:1])
-        assert torch.equal(got[:1], plain)
+        # sigma 0 is the plain layer exactly: compared within one batch (another batch size may
+        # take another BLAS path, so bit equality across sizes would test the machine)
+        plain = attn(x, encoder_hidden_states=None if layer.kind == "self" else ctx)
+        assert torch.equal(got[:1], plain[:1])
 
 
 def test_recording_captures_every_layer_input(unet, inputs):

@@ -1,9 +1,8 @@
-"""Batch formation rules of pidrt.runtime.batching (no torch, no threads beyond one waiter)."""
+"""Batch formation rules of pidrt.runtime.batching (no torch; a test clock, one consumer thread)."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -37,25 +36,45 @@ def test_oversized_request_runs_alone():
     assert items(select(es, 4)) == [0]
 
 
+class Clock:
+    """A clock the test moves: when a batch is due depends on it, not on how fast this machine is."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def taking(q: BatchQueue) -> tuple[threading.Thread, list]:
+    """The consumer blocked in `q.take()` on its own thread, and where its batch will land."""
+    got: list = []
+    consumer = threading.Thread(target=lambda: got.append(q.take()), daemon=True)
+    consumer.start()
+    return consumer, got
+
+
 def test_take_waits_for_company_until_max_wait():
-    q = BatchQueue(max_batch=4, max_wait_s=0.3, capacity=8)
+    clock = Clock()
+    q = BatchQueue(max_batch=4, max_wait_s=0.3, capacity=8, clock=clock)
     q.put(Entry(K64, None, 1, "a"))
-    clock = time.monotonic()
-    threading.Timer(0.05, lambda: q.put(Entry(K64, "ip", 1, "b"))).start()
-    batch = q.take()
-    waited = time.monotonic() - clock
-    assert items(batch) == ["a", "b"]
-    assert 0.25 <= waited < 2.0  # the head waited its max_wait (the batch was not full)
-    assert len(q) == 0
+    consumer, got = taking(q)
+    clock.now = 0.05
+    q.put(Entry(K64, "ip", 1, "b"))  # company, but the batch is not full and the head is not due
+    consumer.join(0.2)  # (a batch due now would be taken at once, well within this)
+    assert consumer.is_alive() and got == []
+    clock.now = 0.3  # the head has waited max_wait: the consumer takes what it has by its next look
+    consumer.join(30)  # only a hang detector: the consumer re-checks the clock within 0.25 s
+    assert items(got[0]) == ["a", "b"] and len(q) == 0
 
 
 def test_take_returns_at_once_when_full():
-    q = BatchQueue(max_batch=2, max_wait_s=30.0, capacity=8)
+    q = BatchQueue(max_batch=2, max_wait_s=30.0, capacity=8, clock=Clock())  # the clock never moves
     for name in "abc":
         q.put(Entry(K64, None, 1, name))
-    clock = time.monotonic()
-    assert items(q.take()) == ["a", "b"]
-    assert time.monotonic() - clock < 1.0
+    consumer, got = taking(q)
+    consumer.join(30)  # only a hang detector: nothing is ever due by the clock, only a full batch returns
+    assert items(got[0]) == ["a", "b"]
     assert len(q) == 1 and q.pending_images() == 1
 
 

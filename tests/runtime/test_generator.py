@@ -62,14 +62,6 @@ def pixels(result):
     return torch.stack([img.pixels for img in result.images])
 
 
-def occupy(gen, steps: int = 10):
-    """Keep the worker busy so that what is submitted next queues up (and batches) behind it."""
-    job = gen.submit(GenerationRequest("busy", seed=0, steps=steps, width=128))
-    while job.state == "queued":
-        time.sleep(0.002)
-    return job
-
-
 def test_resolve_fills_defaults_and_refuses_bad_requests(make_gen):
     gen = make_gen()
     r = gen.resolve(GenerationRequest("a photo", seed=5, n=3))
@@ -92,15 +84,14 @@ def test_resolve_fills_defaults_and_refuses_bad_requests(make_gen):
         gen.submit(GenerationRequest("p", identity="../../etc/passwd"))
 
 
-def test_mixed_identity_batch_equals_single_requests(make_gen, identities):
+def test_mixed_identity_batch_equals_single_requests(make_gen, identities, hold_worker):
     gen = make_gen(max_batch=8)
     a, b = identities
-    gen.identity(a), gen.identity(b)  # warm: submitting below takes no store reads
-    busy = occupy(gen)
     reqs = [GenerationRequest("a portrait", identity=a, seed=11, scale=0.8),
             GenerationRequest("a dog", seed=[3, 4]),
             GenerationRequest("a portrait", identity=b, seed=12, scale_start=1, method="ip")]
-    jobs = [gen.submit(r) for r in reqs]
+    with hold_worker(gen) as busy:
+        jobs = [gen.submit(r) for r in reqs]
     results = [j.result(timeout=60) for j in jobs]
     assert busy.result().batch.id < results[0].batch.id
     assert len({r.batch.id for r in results}) == 1 and results[0].batch.images == 4
@@ -116,11 +107,11 @@ def test_mixed_identity_batch_equals_single_requests(make_gen, identities):
     assert stats["text_cache"]["hits"] > 0 and stats["identity_cache"]["entries"] == 2
 
 
-def test_incompatible_requests_do_not_share_a_batch(make_gen):
+def test_incompatible_requests_do_not_share_a_batch(make_gen, hold_worker):
     gen = make_gen(max_batch=8)
-    occupy(gen)
-    jobs = [gen.submit(GenerationRequest("p", seed=1)), gen.submit(GenerationRequest("p", seed=1, width=128)),
-            gen.submit(GenerationRequest("p", seed=1, guidance=3.0)), gen.submit(GenerationRequest("p", seed=2))]
+    with hold_worker(gen):
+        jobs = [gen.submit(GenerationRequest("p", seed=1)), gen.submit(GenerationRequest("p", seed=1, width=128)),
+                gen.submit(GenerationRequest("p", seed=1, guidance=3.0)), gen.submit(GenerationRequest("p", seed=2))]
     batches = [j.result(timeout=60).batch.id for j in jobs]
     assert batches[0] == batches[3] and len({batches[0], batches[1], batches[2]}) == 3
     assert jobs[1].result().images[0].pixels.shape == (3, 64, 128)
@@ -146,17 +137,17 @@ def test_progress_events_in_order_sync_and_async(make_gen):
     assert result.images[0].data == again.images[0].data  # same seed, same PNG
 
 
-def test_cancelling_one_request_does_not_disturb_its_batch(make_gen, identities):
+def test_cancelling_one_request_does_not_disturb_its_batch(make_gen, identities, hold_worker):
     gen = make_gen(max_batch=4)
     keep = GenerationRequest("a portrait", identity=identities[0], seed=21, steps=3)
-    gen.identity(identities[0])
-    occupy(gen)
+
     def cancel_after_first_step(e):
         if e.type == "step" and e.step == 1:
             threading.Thread(target=victim.cancel).start()  # from another thread, as a caller would
 
-    victim = gen.submit(GenerationRequest("p", seed=22, steps=3), on_event=cancel_after_first_step)
-    kept = gen.submit(keep)
+    with hold_worker(gen):
+        victim = gen.submit(GenerationRequest("p", seed=22, steps=3), on_event=cancel_after_first_step)
+        kept = gen.submit(keep)
     with pytest.raises(Cancelled):
         victim.result(timeout=60)
     result = kept.result(timeout=60)
@@ -198,22 +189,19 @@ def test_async_cancellation_cancels_the_job(make_gen):
     assert gen.stats()["outcomes"].get("cancelled") == 1
 
 
-def test_full_queue_overloaded_and_timeout(make_gen):
+def test_full_queue_overloaded_and_timeout(make_gen, hold_worker):
     gen = make_gen(max_batch=1, max_wait_ms=0, queue_size=1)
-    running = gen.submit(GenerationRequest("p", seed=1, steps=30))
-    while running.state == "queued":
-        time.sleep(0.005)
-    waiting = gen.submit(GenerationRequest("p", seed=2, timeout_s=0.2))
-    with pytest.raises(Overloaded) as err:
-        gen.submit(GenerationRequest("p", seed=3))
-    assert err.value.retry_after >= 1
-    with pytest.raises(GenerationTimeout):
-        waiting.result()
-    running.cancel()
+    with hold_worker(gen):  # the worker is busy until the waiting request has timed out
+        waiting = gen.submit(GenerationRequest("p", seed=2, timeout_s=0.2))
+        with pytest.raises(Overloaded) as err:
+            gen.submit(GenerationRequest("p", seed=3))
+        assert err.value.retry_after >= 1
+        with pytest.raises(GenerationTimeout):
+            waiting.result()
     assert waiting.events[-1].data["type"] == "timeout"
 
 
-def test_worker_survives_a_failing_batch_and_isolates_the_culprit(tiny_pipe, enroller):
+def test_worker_survives_a_failing_batch_and_isolates_the_culprit(tiny_pipe, enroller, hold_worker):
     class Flaky:
         """Delegates to the tiny pipeline; batches holding a POISON prompt fail."""
 
@@ -228,9 +216,9 @@ def test_worker_survives_a_failing_batch_and_isolates_the_culprit(tiny_pipe, enr
             return tiny_pipe.generate(cfg, specs, on_step=on_step, encode=encode)
 
     with Generator(Flaky(), enroller, config(max_batch=4)) as gen:
-        occupy(gen)
-        bad = gen.submit(GenerationRequest("POISON", seed=1))
-        good = gen.submit(GenerationRequest("fine", seed=2))
+        with hold_worker(gen):
+            bad = gen.submit(GenerationRequest("POISON", seed=1))
+            good = gen.submit(GenerationRequest("fine", seed=2))
         with pytest.raises(GenerationFailed, match="device fell over"):
             bad.result(timeout=60)
         assert good.result(timeout=60).images[0].seed == 2

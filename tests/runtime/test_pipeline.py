@@ -68,17 +68,47 @@ def test_folded_and_unfolded_pipelines_agree(tiny_pipe):
 
 @pytest.mark.parametrize("record_from,calls", [("reconstruction", 6), ("inversion", 3)])
 def test_inversion_records_every_layer_every_step(tiny_pipe, record_from, calls):
+    """The recorded features are the inputs torch hands each attention module (forward pre-hooks),
+    step-aligned: the reconstruction pass's call i, or the inversion's call T-1-i; and a
+    generation from them is the one that recomputes the reconstruction inside the batch."""
+    steps, caption = 3, "a photo of a person"
+    unet = tiny_pipe.models.unet
+    modules = dict(unet.named_modules())
+    seen: list[dict] = []  # per UNet call: layer name -> the attention module's input
+
+    def record(name):
+        def hook(module, args, kwargs):
+            seen[-1][name] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    hooks = [unet.register_forward_pre_hook(lambda *a: seen.append({}))]
+    hooks += [modules[layer.name].register_forward_pre_hook(record(layer.name), with_kwargs=True)
+              for layer in tiny_pipe.layers]
     counted = []
     latents = tiny_pipe.encode_image(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
-    inv = invert_and_record(tiny_pipe, latents, "a photo of a person", 3, record_from, on_call=lambda: counted.append(1))
-    assert inv.unet_calls == calls == len(counted)
-    assert len(inv.features) == 3 and all(len(step) == 32 for step in inv.features)
+    try:
+        inv = invert_and_record(tiny_pipe, latents, caption, steps, record_from, on_call=lambda: counted.append(1))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert inv.unet_calls == calls == len(counted) == len(seen)
+    assert len(inv.features) == steps and all(len(step) == 32 for step in inv.features)
+    calls_of_step = range(steps, 2 * steps) if record_from == "reconstruction" else range(steps - 1, -1, -1)
+    for step, call in zip(inv.features, calls_of_step):
+        assert step.keys() == seen[call].keys() and all(torch.equal(step[n], seen[call][n]) for n in step)
+
     adapter = EAAAdapter.random(tiny_pipe.layers, latent_size=8, n_levels=4, s_c=16)
     kv = eaa_features(adapter, tiny_pipe, inv)
     cross = next(l for l in tiny_pipe.layers if l.kind == "cross")
     assert kv[0][cross.name][0].shape == (16, cross.channels)
-    images = tiny_pipe.generate(CFG, [ImageSpec("p", 1, condition=EAACondition(kv), schedule=ScaleSchedule(0.8))]).images
-    assert torch.isfinite(images).all()
+    cond = EAACondition(kv, inv.latent_t, caption, adapter)
+    spec = [ImageSpec("p", 1, condition=cond, schedule=ScaleSchedule(0.8))]
+    images = tiny_pipe.generate(CFG, spec).images
+    base = tiny_pipe.generate(CFG, [ImageSpec("p", 1)]).images
+    assert (images - base).abs().max() > 1e-3  # the features reach the images
+    if record_from == "reconstruction":
+        recomputed = tiny_pipe.generate(SamplingConfig(**{**vars(CFG), "eaa_placement": "recompute"}), spec).images
+        assert (recomputed - images).abs().max() < 1e-4
 
 
 def test_bad_requests_are_clear_errors(tiny_pipe):

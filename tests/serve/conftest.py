@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
-pytest.importorskip("fastapi", reason="the HTTP service needs pidrt[serve]")
-pytest.importorskip("prometheus_client", reason="the HTTP service needs pidrt[serve]")
-httpx = pytest.importorskip("httpx", reason="the service tests talk to the app through httpx")
-
-from pidrt.runtime.requests import Defaults, GeneratorConfig  # noqa: E402
+from pidrt.runtime.requests import Defaults, GeneratorConfig
 
 STEPS = 2
 

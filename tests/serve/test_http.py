@@ -178,18 +178,18 @@ def test_bad_input_gets_a_clear_4xx(app, generator, photos, call):
     call(small, go_small)
 
 
-def test_mixed_identity_batch_matches_single_requests(app, identities, call):
+def test_mixed_identity_batch_matches_single_requests(app, generator, identities, call, hold_worker):
     bodies = [{"prompt": "a portrait", "identity": identities[0], "seed": 31},
               {"prompt": "a landscape", "seed": 32, "n": 2},
               {"prompt": "a portrait", "identity": identities[1], "seed": 33, "scale": 0.5}]
 
     async def go(c):
-        # A long request first: the three below queue up behind it and then share one batch.
-        blocker = asyncio.ensure_future(c.post(GEN, json={"prompt": "wait", "steps": 12}))
-        while not (await c.get("/v1/stats")).json()["running"]:
-            await asyncio.sleep(0.01)
-        batched = await asyncio.gather(*(c.post(GEN, json=b) for b in bodies))
-        await blocker
+        # The worker is held until the three requests are queued: then they share one batch.
+        with hold_worker(generator):
+            posts = asyncio.gather(*(c.post(GEN, json=b) for b in bodies))
+            while (await c.get("/v1/stats")).json()["queue_depth"] < len(bodies):
+                await asyncio.sleep(0.01)
+        batched = await posts
         singles = [await c.post(GEN, json=b) for b in bodies]
         return [r.json() for r in batched], [r.json() for r in singles]
 
@@ -244,16 +244,16 @@ def test_job_cancel_stops_it_and_frees_the_worker(app, generator, call):
     assert after.status_code == 200  # the worker stopped the cancelled batch between steps and went on
 
 
-def test_full_queue_answers_429_with_retry_after(generator, call, make_config):
+def test_full_queue_answers_429_with_retry_after(generator, call, make_config, hold_worker):
     tight = Generator(generator.pipe, generator.enroller, make_config(max_batch=1, queue_size=1))
     app = create_app(tight, own=True)
 
     async def go(c):
-        blocker = asyncio.ensure_future(c.post(GEN, json={"prompt": "wait", "steps": 10}))
-        while not tight.stats()["running"]:
-            await asyncio.sleep(0.01)
-        rs = await asyncio.gather(*(c.post(GEN, json={"prompt": "p", "seed": s}) for s in range(4)))
-        await blocker
+        with hold_worker(tight):  # busy until one request is queued and the other three refused
+            posts = [asyncio.ensure_future(c.post(GEN, json={"prompt": "p", "seed": s})) for s in range(4)]
+            while sum(p.done() for p in posts) < 3:
+                await asyncio.sleep(0.01)
+        rs = await asyncio.gather(*posts)
         return rs, (await c.get("/metrics")).text
 
     try:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import socket
 
+import httpx
 import pytest
-
-ray = pytest.importorskip("ray", reason="the Ray Serve deployment needs ray[serve] (pidrt[serve])")
-serve = pytest.importorskip("ray.serve", reason="the Ray Serve deployment needs ray[serve] (pidrt[serve])")
-httpx = pytest.importorskip("httpx")
+import ray
+from ray import serve
 
 
 def free_port() -> int:
