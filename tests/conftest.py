@@ -36,6 +36,8 @@ ALLOWED_SKIPS = {
     "needs a CUDA device": (not CUDA or INTERPRET, "no GPU here: `gpu`-marked tests"),
     "TensorRT and a CUDA GPU are needed": (importlib.util.find_spec("tensorrt") is None or not CUDA,
                                            "tensorrt cannot be installed on these machines"),
+    "no TensorRT headers": (not os.environ.get("PIDRT_TEST_TRT_INCLUDE"),
+                            "TensorRT's headers are not installable here (tests/kernels/test_native.py)"),
     "the CPU smoke form": (CUDA, "a GPU machine runs the real benchmark (benchmarks/gpu_session.sh)"),
 }
 _skips: Counter = Counter()

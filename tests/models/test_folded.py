@@ -31,8 +31,13 @@ def layer_flops(channels: int, residual: str) -> dict[str, int]:
     w_q = torch.randn(1, channels, channels) / channels**0.5
     own = dict(w_o=torch.randn(1, channels, channels) / channels**0.5, b_o=torch.zeros(1, channels))
     unfolded = UnfoldedBranch("z", keys, values, w_q=w_q, **(own if residual == "post_out" else {}))
-    w_o = own["w_o"] if residual == "post_out" else attn.to_out[0].weight.T
-    folded = FoldedLayer("z", fold_branch(w_q, keys, values, w_o, HEADS))
+    if residual == "post_out":
+        # post_out queries Z_out = Z W_o + b_o (methods.md 1): W_o W'_q folds into A, b_o W'_q into a score bias.
+        to_out = attn.to_out[0]
+        branch = fold_branch(to_out.weight.T @ w_q, keys, values, own["w_o"], HEADS, b_q=to_out.bias @ w_q)
+    else:
+        branch = fold_branch(w_q, keys, values, attn.to_out[0].weight.T, HEADS)
+    folded = FoldedLayer("z", branch)
     counts, outputs = {}, {}
     for name, payload in (("plain", None), ("unfolded", unfolded), ("folded", folded)):
         state.layers, state.scale = ({} if payload is None else {"layer": payload}), torch.ones(1)
