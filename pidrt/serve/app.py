@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pidrt.errors import require
+from pidrt.engines.options import BackendOptions, add_backend_arguments, backend_options_from_args
+from pidrt.errors import PidrtError, require
 from pidrt.runtime.generator import Generator
 from pidrt.runtime.requests import Defaults, GeneratorConfig
 from pidrt.runtime.setup import (
@@ -70,24 +72,38 @@ class ServeConfig:
     log_level: str = "info"
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    backend: BackendOptions = field(default_factory=BackendOptions)
 
 
 def serve_main(config: ServeConfig, generator: Generator | None = None) -> int:
-    """Build the demo generator (random weights) unless one is given, and serve it until stopped."""
+    """Serve `generator`, or build one from `config` while already answering /healthz and /readyz
+    (503 with what is loading until every bucket is warm). A backend that cannot run here fails
+    before the server starts; a start-up that fails later stops it (exit status 1)."""
     uvicorn = require("uvicorn", "serve")
+    engine = None
     if generator is None:
+        from pidrt.engines.choose import preflight
         from pidrt.serve.factory import build_generator
+        from pidrt.serve.startup import StartingEngine
 
-        generator = build_generator(config.store, config.runtime, config.generator)
-    app = create_app(generator, config.service, own=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=10)
-    return 0
+        preflight(config.backend, config.runtime.device)
+        engine = StartingEngine(lambda on_stage: build_generator(config.store, config.runtime, config.generator,
+                                                                 config.backend, on_stage=on_stage),
+                                backend=config.backend.backend)
+    app = create_app(engine or generator, config.service, own=True, max_batch=config.generator.max_batch)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           timeout_graceful_shutdown=10))
+    if engine is not None:
+        engine.on_failure = lambda reason: setattr(server, "should_exit", True)
+    server.run()
+    return 1 if engine is not None and engine.startup.error else 0
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The `pidrt serve` options (the CLI can reuse them)."""
     g = GeneratorConfig()
     add_runtime_arguments(p)
+    add_backend_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--store", type=Path, default=Path("pidrt-store"), help="identity store directory")
@@ -107,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     gen = GeneratorConfig(max_batch=args.max_batch, identity_device_mib=args.identity_device_mib, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                           timeout_s=args.timeout_s, enroll_detector=args.detector, defaults=defaults)
     return ServeConfig(runtime=runtime_options_from_args(args), host=args.host, port=args.port, store=args.store,
-                       log_level=args.log_level, generator=gen)
+                       log_level=args.log_level, generator=gen, backend=backend_options_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
-    return serve_main(config_from_args(args))
+    try:
+        return serve_main(config_from_args(args))
+    except PidrtError as exc:  # e.g. a backend that cannot run here: the reason, not a traceback
+        print(f"pidrt serve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -166,9 +166,8 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
 
     @app.get("/readyz")
     async def readyz():
-        if await service.engine.ready():
-            return {"status": "ready", "backend": service.engine.backend}
-        return JSONResponse({"status": "not ready"}, status_code=503)
+        body = await service.engine.readiness()  # while starting: what is still loading
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @app.get("/v1/stats")
     async def stats():
