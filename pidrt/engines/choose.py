@@ -55,7 +55,8 @@ class OpenedBackend:
         """InvalidRequest (HTTP 400) for a resolved request this backend was not prepared for."""
         from pidrt.runtime.requests import InvalidRequest
 
-        if request.method is not None and request.method not in self.methods:
+        # A malformed id's "method" is left to the identity lookup (404 unknown identity).
+        if request.method in METHODS and request.method not in self.methods:
             raise InvalidRequest(f"{request.method} identities are not served here: this {self.name} server loaded "
                                  f"the UNet graphs of {list(self.methods)} (start it with --methods including "
                                  f"{request.method})")
