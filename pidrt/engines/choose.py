@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from pidrt.engines.base import BackendUnavailable, require_backend
+from pidrt.engines.lean import LEAN_EAA, projections_only, torch_bytes
 from pidrt.engines.options import GRAPH_BACKENDS, METHODS, BackendOptions, Buckets
 from pidrt.errors import PidrtError
 
@@ -158,7 +159,6 @@ def open_backend(options: BackendOptions, pipe, encoders=None, *, max_batch: int
         opened.pipeline, info["graphs"] = _open_graph_backend(name, pipe, encoders, options, methods, buckets, stage,
                                                               progress)
         if not options.keep_torch_unet:
-            from pidrt.engines.lean import LEAN_EAA, projections_only
             from pidrt.identity.enroll import base_fingerprint
 
             opened.base_fingerprint = base_fingerprint(pipe.models)  # before the weights it hashes go
@@ -166,6 +166,7 @@ def open_backend(options: BackendOptions, pipe, encoders=None, *, max_batch: int
             opened.pipeline.record_unavailable = LEAN_EAA.format(backend=name)
         info["lean"] = not options.keep_torch_unet
     info["setup_s"] = round(time.perf_counter() - clock, 3)
+    info["torch_bytes"] = torch_bytes(opened.pipeline.models)  # what the process holds of torch weights
     if options.warmup and buckets is not None:
         from pidrt.engines.warmup import warm_up
 
