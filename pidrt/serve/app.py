@@ -95,7 +95,10 @@ def serve_main(config: ServeConfig, generator: Generator | None = None) -> int:
                                            timeout_graceful_shutdown=10))
     if engine is not None:
         engine.on_failure = lambda reason: setattr(server, "should_exit", True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the signal once it has shut down (as uvicorn.run does)
+        pass
     return 1 if engine is not None and engine.startup.error else 0
 
 
