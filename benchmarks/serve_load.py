@@ -65,7 +65,12 @@ def buckets(args) -> str:
 
 
 def backend_args(args, backend: str) -> list[str]:
-    out = ["--backend", backend]
+    """The server's (and the bare Generator's) model and backend options."""
+    out = ["--preset", args.preset, "--device", args.device, "--backend", backend]
+    if args.dtype:
+        out += ["--dtype", args.dtype]
+    if args.methods:
+        out += ["--methods", *args.methods]
     if backend != "torch":
         out += ["--buckets", buckets(args)]
     for flag, value in (("--engines", args.engines), ("--engine-cache", args.engine_cache), ("--threads", args.threads)):
@@ -78,8 +83,7 @@ def start_server(args, backend: str, store: Path) -> tuple[subprocess.Popen, str
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = args.port or s.getsockname()[1]
-    cmd = [sys.executable, "-m", "pidrt.serve.app", "--preset", args.preset, "--device", args.device,
-           "--host", "127.0.0.1", "--port", str(port), "--store", str(store), "--max-batch", str(args.max_batch),
+    cmd = [sys.executable, "-m", "pidrt.serve.app", "--host", "127.0.0.1", "--port", str(port), "--store", str(store), "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--queue-size", str(args.queue_size), "--steps", str(args.steps),
            "--detector", args.detector, "--log-level", "warning", *backend_args(args, backend)]
     log = open(store.parent / f"server-{backend}.log", "w")
@@ -179,7 +183,7 @@ def run_backend(args, backend: str, work: Path) -> dict:
     try:
         out["server_ready_s"] = round(wait_ready(url, proc, args.ready_timeout_s), 2)
         identities = []
-        for photo in face_variants(args.identities):
+        for photo in face_variants(args.identities) if args.identities else ():
             r = httpx.post(f"{url}/v1/identities", files=[("images", ("face.png", photo, "image/png"))],
                            data={"method": "ip"}, timeout=300)
             r.raise_for_status()
@@ -215,7 +219,7 @@ def run_bare(args, backend: str, store: Path, rotation: list) -> dict:
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
     config = config_from_args(p.parse_args(
-        ["--preset", args.preset, "--device", args.device, "--store", str(store), "--max-batch", str(args.max_batch),
+        ["--store", str(store), "--max-batch", str(args.max_batch),
          "--max-wait-ms", str(args.max_wait_ms), "--queue-size", str(args.queue_size), "--steps", str(args.steps),
          "--detector", args.detector, *backend_args(args, backend)]))
     generator = build_generator(config.store, config.runtime, config.generator, config.backend, progress=False)
@@ -250,12 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bare", action="store_true", help="skip the bare Generator phase")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--identities", type=int, default=2, help="IP identities to enroll and mix in")
+    p.add_argument("--identities", type=int, default=2,
+                   help="IP identities to enroll and mix in (0: identity-less requests only, no face detector needed)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--n", type=int, default=1, help="images per request")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="the server's (default: its own)")
+    p.add_argument("--methods", nargs="+", choices=["none", "sca", "ip", "eaa"],
+                   help="UNet graphs / warm-up methods of the server (default: its own; the load uses none and ip)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=20.0)
     p.add_argument("--queue-size", type=int, default=256)
