@@ -3,7 +3,7 @@
 # up to 540 s, inside one device command (600 s), leaving room for the machine's start.
 #
 #   bash benchmarks/gpu_session.sh --fetch-wheels   # here, with pip access: diffusers into .whl/
-#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning]   # on the GPU machine
+#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning|served]   # on the GPU machine
 #
 # core (default): the checks and headline numbers of #5. tuning, for a later lease once core has
 # run: tile sweeps of both kernels (fp16, bf16) and the UNet step with torch.compile inside the

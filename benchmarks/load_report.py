@@ -89,7 +89,8 @@ def markdown(report: dict) -> str:
         "# pidrt serve load: served vs bare Generator",
         "",
         f"Device: {host['device']} ({host['cpus']} CPUs, torch {host['torch']}), {report['date']}, "
-        f"commit {host.get('git_commit') or 'unknown'}.",
+        f"commit {host.get('git_commit') or 'unknown'}; load average at start / end "
+        f"{host.get('load_average_start')} / {host.get('load_average_end')}.",
         f"{c['requests']} requests, {c['concurrency']} in flight, {c['identities']} IP identities + none in rotation, "
         f"{c['size']}x{c['size']}, {c['steps']} steps, n={c['n']}, max_batch={c['max_batch']}, "
         f"max_wait_ms={c['max_wait_ms']}, preset {c['preset']}. Each backend: the HTTP server (its own process) "

@@ -235,13 +235,14 @@ def host_info(args) -> dict:
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import device_name, run_meta
+    from pidrt.bench.env import cpu_name, git_commit, load_average
 
-    meta = run_meta(torch.device(args.device))
-    return {"device": device_name(torch.device(args.device)), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "git_commit": meta["git_commit"],
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    git = git_commit()
+    return {"device": name, "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "git_commit": git["commit"] or os.environ.get("PIDRT_GIT_COMMIT"),
+            "git_dirty": git["dirty"], "load_average_start": load_average()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.concurrency < 1:
         p.error("--requests and --concurrency must be >= 1")
 
+    from pidrt.bench.env import load_average
+
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pidrt-load-"))
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
@@ -296,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         served = b.get("served")
         ok = ok and served is not None and served["answered_exactly_once"] and \
             served["answers"].get("200") == args.requests
+    report["host"]["load_average_end"] = load_average()
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2, default=str))
     (args.out / "serve_load.md").write_text(markdown(report))
     print(markdown(report))
