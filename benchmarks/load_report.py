@@ -97,7 +97,7 @@ def markdown(report: dict) -> str:
         "under the load, then the bare Generator in this process with the same requests and concurrency.",
         "",
         "| backend | served images/s | bare images/s | served / bare | served p50 / p95 s | bare p50 / p95 s | "
-        "server peak RSS MiB | torch weights held MiB | ready after s |",
+        "server peak / end RSS MiB | torch weights held MiB | ready after s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, b in report["backends"].items():
@@ -107,7 +107,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {name} | {_f(s.get('images_per_s'))} | {_f(bare.get('images_per_s'))} | "
             f"{_f(_ratio(s.get('images_per_s'), bare.get('images_per_s')))} | {_f(sl.get('p50'))} / {_f(sl.get('p95'))} | "
-            f"{_f(bl.get('p50'))} / {_f(bl.get('p95'))} | {_f(b.get('memory', {}).get('peak_rss_mib'), 1)} | "
+            f"{_f(bl.get('p50'))} / {_f(bl.get('p95'))} | {_f(b.get('memory', {}).get('peak_rss_mib'), 1)} / "
+            f"{_f(b.get('memory', {}).get('rss_mib'), 1)} | "
             f"{_f(torch_mib / 2**20 if torch_mib else None, 2)} | {_f(b.get('server_ready_s'), 1)} |")
     lines += ["", "Per phase:", "", "| backend | phase | answered once | answers | errors | batch sizes (images: batches) |",
               "| --- | --- | --- | --- | --- | --- |"]
