@@ -1,4 +1,4 @@
-"""The HTTP service on every backend: ort gives torch's images, readiness waits for the warm-up,
+"""The HTTP service on every backend: ort and fast give torch's images, readiness waits for the warm-up,
 a backend that cannot run stops the server at start, and the CLI answers bad input as HTTP does.
 
 Tolerance for "same images": decoded 8-bit pixels within 2 levels (the float32 latents agree to
@@ -41,19 +41,30 @@ def engines():
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, engines, make_config, photos):
-    """(torch app, ort app, {method: [two identity ids]}) over one shared store."""
+    """({backend: app} for torch, ort and fast, {method: [two identity ids]}) over one shared store.
+
+    fast runs on CPU as far as it can: float32, no Triton kernels, and graphs "captured" by its
+    injectable `EagerCapturer` (the bucket logic and static buffers are real; a replay runs eagerly).
+    """
+    import torch
+
+    from pidrt.engines.cuda_graphs import EagerCapturer
+    from pidrt.engines.fast_torch import FastTorchConfig
     from pidrt.serve.factory import build_generator
 
     store = tmp_path_factory.mktemp("backends-store")
     config = make_config(max_wait_ms=400, queue_size=16)
-    torch_gen = build_generator(store, config=config, progress=False)
-    ids = {m: [torch_gen.enroll([p], m).identity_id for p in photos] for m in ("sca", "ip", "eaa")}
-    ort_gen = build_generator(store, config=config, progress=False,
-                              backend=BackendOptions(backend="ort", engines=engines, threads=1,
-                                                     buckets=Buckets.parse("1,2,4@64x64")))
-    yield create_app(torch_gen), create_app(ort_gen), ids
-    torch_gen.close()
-    ort_gen.close()
+    buckets = Buckets.parse("1,2,4@64x64")
+    gens = {"torch": build_generator(store, config=config, progress=False)}
+    ids = {m: [gens["torch"].enroll([p], m).identity_id for p in photos] for m in ("sca", "ip", "eaa")}
+    gens["ort"] = build_generator(store, config=config, progress=False,
+                                  backend=BackendOptions(backend="ort", engines=engines, threads=1, buckets=buckets))
+    fast = FastTorchConfig(dtype=torch.float32, kernels=False, cuda_graphs=False)
+    gens["fast"] = build_generator(store, config=config, progress=False, capturer=EagerCapturer(),
+                                   backend=BackendOptions(backend="fast", fast=fast, buckets=buckets))
+    yield {name: create_app(g) for name, g in gens.items()}, ids
+    for g in gens.values():
+        g.close()
 
 
 def mixed_requests(method: str, ids: dict) -> list[dict]:
@@ -66,9 +77,10 @@ def mixed_requests(method: str, ids: dict) -> list[dict]:
             {"prompt": "a face", "seed": 3, "identity": b, "scale": 1.0, "scale_start": 1}]
 
 
+@pytest.mark.parametrize("backend", ["ort", "fast"])
 @pytest.mark.parametrize("method", ["none", "sca", "ip", "eaa"])
-def test_ort_server_gives_torch_images_in_mixed_batches(servers, call, method):
-    torch_app, ort_app, ids = servers
+def test_server_gives_torch_images_in_mixed_batches(servers, call, method, backend):
+    apps, ids = servers
     bodies = mixed_requests(method, ids)
 
     async def go(c):
@@ -76,8 +88,8 @@ def test_ort_server_gives_torch_images_in_mixed_batches(servers, call, method):
         assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
         return [r.json() for r in rs]
 
-    want, got = call(torch_app, go), call(ort_app, go)
-    assert {g["backend"] for g in got} == {"ort"} and {w["backend"] for w in want} == {"torch"}
+    want, got = call(apps["torch"], go), call(apps[backend], go)
+    assert {g["backend"] for g in got} == {backend} and {w["backend"] for w in want} == {"torch"}
     assert max(g["batch"]["requests"] for g in got) > 1  # they shared UNet calls
     for w, g in zip(want, got):
         for wi, gi in zip(w["data"], g["data"]):
@@ -86,7 +98,7 @@ def test_ort_server_gives_torch_images_in_mixed_batches(servers, call, method):
 
 
 def test_ort_server_refuses_shapes_outside_its_buckets(servers, call, photos):
-    _, ort_app, _ = servers
+    ort_app = servers[0]["ort"]
 
     async def go(c):
         r = await c.post(GEN, json={"prompt": "p", "size": "128x128"})
