@@ -82,14 +82,25 @@ def resolve(requested: str, device: str | torch.device) -> str:
 
 def preflight(options: BackendOptions, device: str | torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend `options` resolve to on `device`, or BackendUnavailable saying why and how to fix it."""
+    return _preflight(options, device, dtype)[0]
+
+
+def _preflight(options: BackendOptions, device, dtype) -> tuple[str, str | None]:
+    """(backend, why auto fell back to torch or None)."""
     name, device = resolve(options.backend, device), torch.device(device)
     if name == "fast":
-        if options.fast is None and device.type != "cuda":
-            raise BackendUnavailable(
-                f"the fast backend runs on a CUDA GPU (CUDA graphs, Triton kernels); this runs on {device} "
-                f"(torch.cuda.is_available() = {torch.cuda.is_available()}). Use --backend torch (or auto), "
-                "or --device cuda on a GPU machine")
-        fast_config(options, dtype or torch.float16).check_device(device)
+        try:
+            if options.fast is None and device.type != "cuda":
+                raise BackendUnavailable(
+                    f"the fast backend runs on a CUDA GPU (CUDA graphs, Triton kernels); this runs on {device} "
+                    f"(torch.cuda.is_available() = {torch.cuda.is_available()}). Use --backend torch (or auto), "
+                    "or --device cuda on a GPU machine")
+            fast_config(options, dtype or torch.float16).check_device(device)
+        except PidrtError as exc:
+            if options.backend != "auto":
+                raise
+            log.warning("auto backend: falling back to torch: %s", exc)  # e.g. a GPU without Triton
+            return "torch", f"the fast backend cannot run here: {exc}"
     elif name in GRAPH_BACKENDS:
         require_backend(name)
         if name == "trt" and device.type != "cuda":
@@ -105,7 +116,7 @@ def preflight(options: BackendOptions, device: str | torch.device, dtype: torch.
             from pidrt.engines.engine_cache import check_writable, default_cache_dir
 
             check_writable(options.cache_dir or default_cache_dir())
-    return name
+    return name, None
 
 
 def fast_config(options: BackendOptions, dtype: torch.dtype):
@@ -127,7 +138,7 @@ def open_backend(options: BackendOptions, pipe, encoders=None, *, max_batch: int
     on_stage(text): what is being done now (a server's /readyz shows it).
     """
     stage = on_stage or (lambda text: None)
-    name = preflight(options, pipe.device, pipe.dtype)
+    name, fallback = _preflight(options, pipe.device, pipe.dtype)
     preset = pipe.models.preset
     buckets = options.buckets
     if buckets is None and name != "torch":
@@ -138,7 +149,7 @@ def open_backend(options: BackendOptions, pipe, encoders=None, *, max_batch: int
     methods = options.methods or default_methods(encoders)
     info: dict = {"backend": name, "requested": options.backend, "device": str(pipe.device),
                   "dtype": str(pipe.dtype).removeprefix("torch."), "torch": torch.__version__,
-                  "buckets": str(buckets) if buckets is not None else None}
+                  "buckets": str(buckets) if buckets is not None else None, "fallback": fallback}
     opened = OpenedBackend(name, options.backend, pipe, buckets, METHODS, info)
     clock = time.perf_counter()
     if name == "fast":

@@ -82,6 +82,16 @@ def test_auto_is_torch_on_cpu():
     assert choose.preflight(BackendOptions(), "cpu") == "torch"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what auto does where fast cannot start")
+def test_auto_falls_back_to_torch_when_fast_cannot_start(caplog):
+    with caplog.at_level(logging.WARNING):
+        name, reason = choose._preflight(BackendOptions(), "cuda", torch.float16)
+    assert name == "torch" and "torch sees no CUDA device" in reason
+    assert any("falling back to torch" in r.getMessage() for r in caplog.records)
+    with pytest.raises(PidrtError, match="torch sees no CUDA device"):  # asked for by name: an error
+        choose.preflight(BackendOptions(backend="fast"), "cuda", torch.float16)
+
+
 def test_a_backend_that_cannot_run_fails_at_start_with_reason_and_fix(tmp_path):
     with pytest.raises(BackendUnavailable, match=r"fast backend runs on a CUDA GPU.*Use --backend torch"):
         choose.preflight(BackendOptions(backend="fast"), "cpu")
