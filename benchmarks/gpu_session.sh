@@ -85,9 +85,12 @@ if [[ "$SET" == tuning ]]; then
     exit 0
 fi
 if [[ "$SET" == served ]]; then
+    # auto on the GPU: fast kept after its check against the reference, every bucket captured at start.
+    stage pytest-gpu-served 60 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu-served.xml" \
+        tests/engines/test_choose.py
     # Each: server start (SD1.5 random weights, buckets captured) + load + the bare Generator.
     for B in 1 8; do
-        stage "serve-fast-b$B" 260 python3 benchmarks/serve_load.py --backend fast --preset sd15 --device cuda \
+        stage "serve-fast-b$B" 230 python3 benchmarks/serve_load.py --backend fast --preset sd15 --device cuda \
             --dtype float16 --methods none --identities 0 --size 512 --steps 20 --n 1 --max-batch "$B" \
             --concurrency $((2 * B)) --requests $((6 * B)) --max-wait-ms 50 --ready-timeout-s 150 \
             --time-limit-s 80 --out "$RES/serve_fast_b$B"

@@ -176,8 +176,8 @@ async def bare_load(generator, args, rotation: list) -> tuple[list[dict], float]
     return await drive(args, one)
 
 
-def run_backend(args, backend: str, work: Path) -> dict:
-    out: dict = {}
+def run_backend(args, backend: str, work: Path, out: dict, save) -> None:
+    """Fills `out` phase by phase, calling `save()` after each (a run cut by a time limit keeps them)."""
     store = work / f"store-{backend}"
     proc, url = start_server(args, backend, store)
     try:
@@ -206,10 +206,11 @@ def run_backend(args, backend: str, work: Path) -> dict:
     out["torch_bytes"] = stats.get("backend_report", {}).get("torch_bytes")
     out["backend_report"] = stats.get("backend_report")
     out["identities"] = identities
+    out["results"] = {"served": results}
+    save()
     if not args.no_bare:
         out["bare"] = run_bare(args, backend, store, rotation)
-    out["results"] = {"served": results}
-    return out
+        save()
 
 
 def run_bare(args, backend: str, store: Path, rotation: list) -> dict:
@@ -285,23 +286,25 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
               "host": host_info(args), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "backends": {}}
-    ok = True
+
+    def save() -> None:
+        report["host"]["load_average_end"] = load_average()
+        (args.out / "serve_load.json").write_text(json.dumps(report, indent=2, default=str))
+        (args.out / "serve_load.md").write_text(markdown(report))
+
     if args.url:
         results, elapsed = asyncio.run(served_load(args.url, args, [None]))
         report["backends"]["url"] = {"served": summarize(results, elapsed, args.n)}
     for backend in [] if args.url else args.backend:
+        report["backends"][backend] = {}
         try:
-            report["backends"][backend] = run_backend(args, backend, work)
+            run_backend(args, backend, work, report["backends"][backend], save)
         except Exception as exc:  # noqa: BLE001 - the other backends still run; the report says why
             print(f"{backend} failed: {type(exc).__name__}: {exc} (logs in {work})", file=sys.stderr)
-            report["backends"][backend] = {"failed": f"{type(exc).__name__}: {exc}"}
-    for b in report["backends"].values():
-        served = b.get("served")
-        ok = ok and served is not None and served["answered_exactly_once"] and \
-            served["answers"].get("200") == args.requests
-    report["host"]["load_average_end"] = load_average()
-    (args.out / "serve_load.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / "serve_load.md").write_text(markdown(report))
+            report["backends"][backend]["failed"] = f"{type(exc).__name__}: {exc}"
+    save()
+    ok = all(b.get("served") and b["served"]["answered_exactly_once"] and not b.get("failed")
+             and b["served"]["answers"].get("200") == args.requests for b in report["backends"].values())
     print(markdown(report))
     return 0 if ok else 1
 

@@ -242,3 +242,21 @@ def test_engine_cache_second_start_and_corrupt_entry(tmp_path, caplog):
     assert statuses["text_encoder"] == "rebuilt" and statuses["unet:none"] == "hit"
     assert any("corrupt engine cache entry" in r.getMessage() for r in caplog.records)
     assert_same(out, third.pipeline.generate(CFG, [ImageSpec("a dog", 2)]))
+
+
+# ------------------------------------------------------------------ GPU (skipped without CUDA)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_a_gpu_serves_fast_with_every_bucket_captured():
+    ref_pipe, _ = build_runtime(RuntimeOptions(device="cuda", dtype="float16"))
+    pipe, encoders = build_runtime(RuntimeOptions(device="cuda", dtype="float16"))
+    opened = choose.open_backend(BackendOptions(buckets=BUCKETS, methods=("sca",)), pipe, encoders, max_batch=3,
+                                 progress=False)
+    assert opened.name == "fast" and opened.info["fallback"] is None, opened.info
+    stats = opened.pipeline.graphed.stats
+    captured = stats.captures  # auto's check step, then bucket x method (none, sca)
+    assert captured >= 4 and not stats.eager, stats
+    specs = mixed_batch("sca", ref_pipe.layers)
+    want, got = ref_pipe.generate(CFG, specs).images, opened.pipeline.generate(CFG, specs).images
+    assert torch.isfinite(got).all() and (want - got).abs().max() < 3e-2
+    assert stats.captures == captured  # the mixed batch of 3 replayed a graph captured at start
