@@ -167,6 +167,7 @@ def open_backend(options: BackendOptions, pipe, encoders=None, *, max_batch: int
             opened.pipeline = make_fast(pipe, config, copy_models=copy_models, capturer=capturer)
     elif name in GRAPH_BACKENDS:
         opened.methods = methods
+        info["version"] = require_backend(name).version  # onnxruntime's / TensorRT's
         opened.pipeline, info["graphs"] = _open_graph_backend(name, pipe, encoders, options, methods, buckets, stage,
                                                               progress)
         if not options.keep_torch_unet:
