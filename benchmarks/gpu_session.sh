@@ -3,11 +3,15 @@
 # up to 585 s, inside one device command (600 s), leaving room for the machine's start.
 #
 #   bash benchmarks/gpu_session.sh --fetch-wheels   # here, with pip access: diffusers into .whl/
-#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning]   # on the GPU machine
+#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning|served]   # on the GPU machine
 #
 # core (default): the checks and headline numbers of #5. tuning, for a later lease once core has
 # run: tile sweeps of both kernels (fp16, bf16) and the UNet step with torch.compile inside the
 # graphs (its first compile of the SD1.5 UNet takes minutes, hence a lease of its own).
+# served: the served path on the fast backend: `pidrt serve --backend fast` (SD1.5 shapes, random
+# weights, fp16, every bucket captured before /readyz) under benchmarks/serve_load.py at batch 1
+# and 8, against the bare Generator on the same backend (identity-less requests: the face
+# detector's packages are not on the GPU machine). Needs the serving wheels (--fetch-wheels).
 #
 # The GPU machine has torch, Triton, numpy, transformers, safetensors but no diffusers and no
 # package registry, so diffusers (pure Python; the only missing import on Python 3.12) travels
@@ -28,12 +32,15 @@ DIFFUSERS=diffusers==0.42.1  # the version the CPU machines test against (enviro
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .whl "$DIFFUSERS" || exit 1
+    # The HTTP stack for the served set, with its dependencies (pydantic-core is a compiled wheel).
+    python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl fastapi uvicorn httpx prometheus-client python-multipart || exit 1
     ls -l .whl
     exit 0
 fi
 
 SET=${1:-core}
-[[ "$SET" == core || "$SET" == tuning ]] || { echo "unknown stage set '$SET': core or tuning"; exit 2; }
+[[ "$SET" == core || "$SET" == tuning || "$SET" == served ]] || { echo "unknown stage set '$SET': core, tuning or served"; exit 2; }
 OUT=${OUT:-$PWD/gpu-session}
 RES=$(mktemp -d)
 mkdir -p "$OUT"
@@ -73,6 +80,24 @@ if [[ "$SET" == tuning ]]; then
         --dtype bf16
     stage unet-step-compile 300 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step_compile" --compile \
         --cases base,sca,eaa --profile
+    echo "=== summary"
+    printf '%s\n' "${SUMMARY[@]}"
+    exit 0
+fi
+if [[ "$SET" == served ]]; then
+    # auto on the GPU: fast kept after its check against the reference, every bucket captured at start.
+    stage pytest-gpu-served 60 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu-served.xml" \
+        tests/engines/test_choose.py
+    # Each: server start (SD1.5 random weights, buckets captured) + load + the bare Generator.
+    for B in 1 8; do
+        stage "serve-fast-b$B" 230 python3 benchmarks/serve_load.py --backend fast --preset sd15 --device cuda \
+            --dtype float16 --methods none --identities 0 --size 512 --steps 20 --n 1 --max-batch "$B" \
+            --concurrency $((2 * B)) --requests $((6 * B)) --max-wait-ms 50 --ready-timeout-s 150 \
+            --time-limit-s 80 --out "$RES/serve_fast_b$B"
+    done
+    # serve_load writes into a folder per run: its table beside the others, then repack.
+    for B in 1 8; do cp "$RES/serve_fast_b$B/serve_load.md" "$RES/serve_fast_b$B.md" 2>/dev/null; done
+    tar -czf "$OUT/results.tar.gz" -C "$RES" . && cp "$RES"/*.md "$OUT"/ 2>/dev/null
     echo "=== summary"
     printf '%s\n' "${SUMMARY[@]}"
     exit 0

@@ -67,3 +67,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return help + " (default: not set)"
         return help + " (default: %(default)s)"
+
+
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """HelpFormatter for a command whose description is preformatted text (examples, layouts)."""

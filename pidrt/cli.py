@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
+    from pidrt.runtime.generate import add_generate_parser
+
+    add_generate_parser(sub)
+
     from pidrt.bench.cli import add_bench_parser
 
     add_bench_parser(sub)

@@ -36,7 +36,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p.add_argument_group("models (as pidrt enroll / serve)"))
 
     g = p.add_argument_group("what to time")
-    g.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="runtimes to time")
+    g.add_argument("--backends", "--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                   help="backends to time side by side (the names pidrt serve --backend takes)")
     g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="identity methods to time")
     g.add_argument("--eaa-placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS),
                    help="where EAA's cached features live during a generation")
@@ -54,7 +55,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="device peak flop/s for the %% of peak (default on CUDA: 989e12, the nominal H100 SXM "
                         "dense fp16 figure; on CPU only achieved GFLOP/s unless given)")
     g.add_argument("--threads", type=int, help="torch intra-op and onnxruntime threads (default: theirs)")
-    g.add_argument("--export-dir", type=Path, help="ONNX graphs for ort/trt (cached; default under ~/.cache/pidrt)")
+    g.add_argument("--engines", type=Path, help="ort/trt: an export folder from `pidrt export` with every graph "
+                   "the run needs (default: the engine cache)")
+    g.add_argument("--engine-cache", type=Path, help="engine cache folder for ort/trt (default: ~/.cache/pidrt/engines)")
 
     g = p.add_argument_group("enrollment costs")
     g.add_argument("--no-enroll", action="store_true", help="skip timing enrollment")
@@ -85,7 +88,8 @@ def config_from_args(a: argparse.Namespace):
                        eaa_placements=tuple(a.eaa_placements), batch_sizes=tuple(a.batch_sizes), steps=a.steps,
                        guidance=a.guidance, height=a.height, width=a.width, scale=a.scale, warmup=a.warmup,
                        iterations=a.iterations, baseline=not a.no_baseline, enroll=enroll, flops=not a.no_flops,
-                       peak_flops=a.peak_flops, threads=a.threads, export_dir=a.export_dir, out_dir=a.out,
+                       peak_flops=a.peak_flops, threads=a.threads, engines=a.engines,
+                       engine_cache=a.engine_cache, out_dir=a.out,
                        name=a.name, plots=not a.no_plots, progress=not a.no_progress)
 
 

@@ -15,7 +15,7 @@ from pidrt.errors import PidrtError
 from pidrt.runtime.eaa_feed import PLACEMENTS
 from pidrt.runtime.setup import RuntimeOptions
 
-BACKENDS = ("torch", "fast_torch", "ort", "trt")
+BACKENDS = ("torch", "fast", "ort", "trt")
 METHODS = ("none", "sca", "ip", "eaa")
 ENROLL_METHODS = ("sca", "ip", "eaa")
 # Nominal H100 SXM dense fp16/bf16 tensor-core peak (no sparsity): the default on CUDA only.
@@ -77,7 +77,8 @@ class BenchConfig:
     flops: bool = True
     peak_flops: float | None = None  # None: H100_SXM_DENSE_FP16 on CUDA, no fraction on CPU
     threads: int | None = None  # torch intra-op threads and onnxruntime threads; None: their defaults
-    export_dir: Path | None = None  # ONNX graphs (cached by key); None: <out>/export-<preset>-<dtype>
+    engines: Path | None = None  # ort/trt: an export folder (pidrt export) holding every graph the run needs
+    engine_cache: Path | None = None  # ort/trt without `engines`: the engine cache (None: ~/.cache/pidrt/engines)
     out_dir: Path = Path("benchmarks/results")
     name: str | None = None  # file stem; None: <cpu|cuda>-<preset>-<date>
     plots: bool = True

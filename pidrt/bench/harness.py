@@ -5,15 +5,12 @@ on the torch reference, then the generation cases. A case is one (backend, metho
 batch size): `warmup` untimed generations and `iterations` timed ones; its peak memory is the
 largest over the timed ones. The cases of one (variant, batch) on diffusers, torch, ort and trt
 form a group that is timed round-robin (`_run_group`), so what is compared is measured side by
-side; fast_torch runs last on its own (it converts the shared models in place). A case that
+side; fast runs last on its own (it converts the shared models in place). A case that
 cannot run is kept with its reason.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 import tempfile
 import time
 import traceback
@@ -32,7 +29,7 @@ from pidrt.errors import PidrtError
 from pidrt.runtime.pipeline import SamplingConfig
 
 SCHEMA = "pidrt-bench/1"
-RUN_ORDER = ("torch", "ort", "trt", "fast_torch")
+RUN_ORDER = ("torch", "ort", "trt", "fast")
 STAGES = ("text_encode_s", "unet_loop_s", "vae_decode_s", "total_s")
 BATCH_PATTERN = ("element k carries identity (k // 2) mod 2 when k is even and no identity when k is odd "
                  "(B=1: [id0]; B=2: [id0, none]; B=4: [id0, none, id1, none]); method none: no identities")
@@ -45,13 +42,6 @@ RATIO_DEFINITIONS = {
     "vs_torch_none": "pidrt's torch reference, method none, median total time at this batch / this case's",
     "unet_loop_vs_diffusers": "as vs_diffusers, for the UNet loop stage alone",
 }
-
-
-def _default_export_dir(pipe) -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pidrt" / "bench-export"
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", pipe.models.preset.name)
-    digest = hashlib.sha256(str(pipe.models.name).encode()).hexdigest()[:10]
-    return root / f"{tag}-{digest}-{str(pipe.dtype).removeprefix('torch.')}"
 
 
 def default_stem(device: torch.device, preset: str, when) -> str:
@@ -207,7 +197,7 @@ def run_bench(config: BenchConfig, write: bool = True, log=print) -> dict:
             # Flops (torch reference) per variant and batch.
             result["flops"] = _flops(config, pipe, sampling, variants, ids) if config.flops else {}
 
-            # The diffusers baseline and the backends, interleaved per (variant, batch); fast_torch last.
+            # The diffusers baseline and the backends, interleaved per (variant, batch); fast last.
             result["baseline"] = {"implementation": "diffusers.StableDiffusionPipeline (eager) on pidrt's UNet, text "
                                   "encoder and VAE modules; DDIMScheduler from the same config; prompt_embeds bypass "
                                   "the tokenizer", "methods": {}}
@@ -216,13 +206,16 @@ def run_bench(config: BenchConfig, write: bool = True, log=print) -> dict:
                 result["baseline"]["methods"][method] = reason or "run"
             baseline = DiffusersBaseline(pipe, ids) if baseline_variants else None
             result["backends"] = {}
-            export_dir = Path(config.export_dir) if config.export_dir else _default_export_dir(pipe)
             opened: dict = {}
+
+            def open_(name: str):
+                return open_backend(name, pipe, ids.encoders or encoders, config.batch_sizes, height, width, methods,
+                                    engines=config.engines, engine_cache=config.engine_cache, threads=config.threads)
+
             for name in backends:
-                if name != "fast_torch":
+                if name != "fast":
                     bar.set_postfix_str(f"opening {name}")
-                    opened[name] = open_backend(name, pipe, ids.encoders or encoders, export_dir,
-                                                config.batch_sizes, height, width, config.threads)
+                    opened[name] = open_(name)
             smallest = min(config.batch_sizes)
 
             def group_for(names, variant, batch) -> list[_Participant]:
@@ -261,27 +254,23 @@ def run_bench(config: BenchConfig, write: bool = True, log=print) -> dict:
                                 images[(p.name, variant, batch)] = p.images.detach().float().cpu()
                         bar.update(len(here))
 
-            run_groups((["diffusers"] if baseline_variants else []) + [n for n in backends if n != "fast_torch"])
+            run_groups((["diffusers"] if baseline_variants else []) + [n for n in backends if n != "fast"])
             if baseline is not None and config.flops:
                 result["flops"]["diffusers_unet_call"] = _baseline_flops(baseline, sampling, ids, config,
                                                                         baseline_variants)
-            for name in [n for n in backends if n != "fast_torch"]:
+            for name in [n for n in backends if n != "fast"]:
                 backend = opened[name]
                 result["backends"][name] = {"available": backend.available, "reason": backend.reason,
-                                            "info": backend.info}
+                                            "info": backend.report()}
                 backend.close()
-            if "fast_torch" in backends:
+            if "fast" in backends:
                 # It converts the shared models in place (no second copy in memory): nothing runs after it,
                 # so it is not interleaved with the others.
-                bar.set_postfix_str("opening fast_torch")
-                fast = open_backend("fast_torch", pipe, ids.encoders or encoders, export_dir, config.batch_sizes,
-                                    height, width, config.threads)
-                opened["fast_torch"] = fast
-                run_groups(["fast_torch"])
-                info = dict(fast.info)
-                if callable(getattr(fast, "report", None)):
-                    info["report"] = fast.report()
-                result["backends"]["fast_torch"] = {"available": fast.available, "reason": fast.reason, "info": info}
+                bar.set_postfix_str("opening fast")
+                fast = opened["fast"] = open_("fast")
+                run_groups(["fast"])
+                result["backends"]["fast"] = {"available": fast.available, "reason": fast.reason,
+                                              "info": fast.report()}
                 fast.close()
 
         result["device"]["load_average_end"] = env.load_average()

@@ -92,6 +92,14 @@ class Enrollment:
     detector: str | None = None  # the face detector(s) that ran when the entry was built
 
 
+def base_fingerprint(models) -> str:
+    """sha256 of the base model's weights (UNet, text encoder, VAE): part of every identity key."""
+    return fingerprint_tensors(
+        {f"{part}.{k}": v for part, mod in (("unet", models.unet), ("text", models.text_encoder), ("vae", models.vae))
+         for k, v in mod.state_dict().items()}
+    )
+
+
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -104,14 +112,16 @@ class Enroller:
 
     With a `device_cache`, conditions are built over artifacts kept on the pipeline's device
     within a byte budget, so a warm identity costs neither a store read nor a host copy.
+    `base_fp`: the base fingerprint, when the pipeline no longer holds the torch weights (lean
+    engine servers compute it before dropping them).
     """
 
     def __init__(self, pipe: Pipeline, store: IdentityStore, encoders: Encoders,
-                 device_cache: DeviceCache | None = None):
+                 device_cache: DeviceCache | None = None, base_fp: str | None = None):
         self.pipe, self.store, self.encoders = pipe, store, encoders
         self.device_cache = device_cache
         self._meta: dict[str, dict[str, str]] = {}  # small, so kept for every identity loaded
-        self._base_fp: str | None = None
+        self._base_fp = base_fp
         self._fingerprints: dict[int, str] = {}  # id(module or adapter) -> sha256; weights do not change
 
     def _fingerprint(self, obj) -> str:
@@ -124,11 +134,7 @@ class Enroller:
 
     def base_fingerprint(self) -> str:
         if self._base_fp is None:
-            m = self.pipe.models
-            self._base_fp = fingerprint_tensors(
-                {f"{part}.{k}": v for part, mod in (("unet", m.unet), ("text", m.text_encoder), ("vae", m.vae))
-                 for k, v in mod.state_dict().items()}
-            )
+            self._base_fp = base_fingerprint(self.pipe.models)
         return self._base_fp
 
     def _adapter(self, method: str):
@@ -156,6 +162,9 @@ class Enroller:
     def enroll(self, images: Sequence[bytes], opts: EnrollOptions) -> Enrollment:
         if not images:
             raise PidrtError("enrollment needs at least one face image")
+        refusal = getattr(self.pipe, "record_unavailable", None)
+        if opts.method == "eaa" and refusal:
+            raise PidrtError(refusal)
         clock = time.perf_counter()
         key = self._key(images, opts)
         ident, _, meta, created = self.store.get_or_create(key, lambda: self._build(images, opts))

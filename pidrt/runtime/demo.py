@@ -27,7 +27,7 @@ from pidrt.identity.store import IdentityStore
 from pidrt.models.branches import IPIdentity, SCAIdentity, few_token_payloads
 from pidrt.models.presets import TINY
 from pidrt.runtime.conditioning import ScaleSchedule
-from pidrt.runtime.generator import encode_image
+from pidrt.runtime.encoding import encode_image
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 from pidrt.runtime.requests import method_scales
 from pidrt.runtime.setup import RuntimeOptions, build_runtime

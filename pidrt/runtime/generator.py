@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import itertools
 import logging
 import math
@@ -45,10 +44,10 @@ import torch
 from pidrt.errors import PidrtError
 from pidrt.runtime.batching import BatchQueue, Entry, QueueClosed, QueueFull
 from pidrt.runtime.conditioning import EAACondition, ScaleSchedule
+from pidrt.runtime.encoding import encode_image
 from pidrt.runtime.jobs import Job
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.requests import (
-    FORMATS,
     METHODS,
     BatchInfo,
     Event,
@@ -83,10 +82,13 @@ class _Stop(Exception):
 # -------------------------------------------------------------------------------- generator
 class Generator:
     """See the module docstring. `pipe` needs `generate(config, specs, on_step)`, `encode_text`,
-    `models.preset`; `enroller` (optional) gives identities; `backend` names the runners."""
+    `models.preset`; `enroller` (optional) gives identities; `backend` names the runners;
+    `admit(resolved request)` refuses what the backend was not prepared for (its shape buckets);
+    `report()` describes the backend in `stats()` (engine cache, warm-up)."""
 
-    def __init__(self, pipe, enroller=None, config: GeneratorConfig | None = None, backend: str | None = None):
-        self.pipe, self.enroller = pipe, enroller
+    def __init__(self, pipe, enroller=None, config: GeneratorConfig | None = None, backend: str | None = None,
+                 admit: Callable[[ResolvedRequest], None] | None = None, report: Callable[[], dict] | None = None):
+        self.pipe, self.enroller, self._admit, self._report = pipe, enroller, admit, report
         self.store = getattr(enroller, "store", None)
         self.config = config or GeneratorConfig()
         self.backend = backend or str(getattr(pipe, "backend", "torch"))
@@ -260,6 +262,8 @@ class Generator:
             if self._closed:
                 raise GeneratorClosed("the generator is shutting down")
             r = request if isinstance(request, ResolvedRequest) else self.resolve(request)
+            if self._admit is not None:
+                self._admit(r)
             condition = None
             if r.identity is not None:
                 ident = self.identity(r.identity)
@@ -309,7 +313,8 @@ class Generator:
         return {"queue_depth": len(self._queue), "queued_images": self._queue.pending_images(), "running": running,
                 "batches": sum(sizes.values()), "batch_sizes": sizes, "images": images, "outcomes": outcomes,
                 "avg_batch_s": round(self._batch_seconds, 4), "text_cache": self.text_cache.stats(),
-                "identity_cache": ids, "backend": self.backend, "ready": self.ready}
+                "identity_cache": ids, "backend": self.backend, "ready": self.ready,
+                **({"backend_report": self._report()} if self._report is not None else {})}
 
     def _job_finished(self, job: Job) -> None:
         with self._jobs_lock:
@@ -431,20 +436,3 @@ class Generator:
         except Exception as exc:
             log.exception("encoding the images of job %s failed", job.id)
             job.cancel_with(GenerationFailed(f"encoding images failed: {type(exc).__name__}: {exc}"))
-
-
-def encode_image(array, fmt: str, quality: int = 95) -> bytes:
-    """[H, W, 3] uint8 -> PNG / JPEG / WebP bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    image = Image.fromarray(array, "RGB")
-    if fmt == "png":
-        image.save(buf, format="PNG")
-    elif fmt == "jpeg":
-        image.save(buf, format="JPEG", quality=int(quality))
-    elif fmt == "webp":
-        image.save(buf, format="WEBP", quality=int(quality))
-    else:
-        raise InvalidRequest(f"output_format must be one of {list(FORMATS)}; got {fmt!r}")
-    return buf.getvalue()

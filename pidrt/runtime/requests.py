@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Mapping, Sequence
@@ -377,3 +378,14 @@ def _identity_and_method(req: GenerationRequest) -> tuple[str | None, str | None
     if method is not None and id_method in METHODS and method != id_method:
         raise InvalidRequest(f"identity {identity} was enrolled with {id_method}, not {method}")
     return identity, id_method
+SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """'WxH' -> (width, height); None or 'auto' -> (None, None): the defaults (HTTP and CLI alike)."""
+    if size is None or size == "auto":
+        return None, None
+    m = SIZE_RE.match(size)
+    if not m:
+        raise InvalidRequest(f"size must look like '512x512' (width x height) or 'auto'; got {size!r}")
+    return int(m.group(1)), int(m.group(2))

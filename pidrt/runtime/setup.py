@@ -89,8 +89,9 @@ def build_encoders(pipe: Pipeline, opts: RuntimeOptions) -> Encoders:
     )
 
 
-def add_runtime_arguments(p) -> None:
-    """The options every command that builds a pipeline takes (CLI, serve, bench)."""
+def add_runtime_arguments(p, seed_option: str = "--seed") -> None:
+    """The options every command that builds a pipeline takes (CLI, serve, bench). `pidrt generate`
+    names the weights' seed --weights-seed: its --seed is the images'."""
     p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="model shapes (tiny: seconds on a CPU)")
     p.add_argument("--model", type=Path, help="diffusers SD1.5 folder or single-file .safetensors (default: random weights)")
     p.add_argument("--sca-adapter", type=Path, help="pidrt SCA .safetensors or the W+ adapter's wplus_adapter.bin")
@@ -101,12 +102,12 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--arcface-pack", help="insightface model pack path or name (IP-Adapter FaceID)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights (when no --model)")
+    p.add_argument(seed_option, dest="weights_seed", type=int, default=0, help="seed of random weights (when no --model)")
 
 
 def runtime_options_from_args(a: argparse.Namespace) -> "RuntimeOptions":
     return RuntimeOptions(
         preset=a.preset, model=a.model, sca_adapter=a.sca_adapter, ip_adapter=a.ip_adapter, eaa_adapter=a.eaa_adapter,
         e4e=a.e4e, image_encoder=a.image_encoder, arcface_pack=a.arcface_pack, device=a.device, dtype=a.dtype,
-        seed=a.seed,
+        seed=a.weights_seed,
     )

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pidrt.engines.options import BackendOptions, add_backend_arguments, backend_options_from_args
 from pidrt.errors import PidrtError, require
 from pidrt.runtime.generator import Generator
 from pidrt.runtime.requests import Defaults, GeneratorConfig
@@ -85,6 +86,7 @@ class ServeConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     allow_unauthenticated: bool = False  # serve a non-loopback host without keys
+    backend: BackendOptions = field(default_factory=BackendOptions)
 
     def __post_init__(self):
         if not 1 <= self.port <= 65535:
@@ -92,16 +94,32 @@ class ServeConfig:
 
 
 def serve_main(config: ServeConfig, generator: Generator | None = None) -> int:
-    """Build the demo generator (random weights) unless one is given, and serve it until stopped."""
+    """Serve `generator`, or build one from `config` while already answering /healthz and /readyz
+    (503 with what is loading until every bucket is warm). A backend that cannot run here fails
+    before the server starts; a start-up that fails later stops it (exit status 1)."""
     uvicorn = require("uvicorn", "serve")
     check_bind(config.host, config.auth, config.allow_unauthenticated)  # before loading any model
+    engine = None
     if generator is None:
+        from pidrt.engines.choose import preflight
         from pidrt.serve.factory import build_generator
+        from pidrt.serve.startup import StartingEngine
 
-        generator = build_generator(config.store, config.runtime, config.generator)
-    app = create_app(generator, config.service, own=True, auth=config.auth)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=10)
-    return 0
+        preflight(config.backend, config.runtime.device)
+        engine = StartingEngine(lambda on_stage: build_generator(config.store, config.runtime, config.generator,
+                                                                 config.backend, on_stage=on_stage),
+                                backend=config.backend.backend)
+    app = create_app(engine or generator, config.service, own=True, max_batch=config.generator.max_batch,
+                     auth=config.auth)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           timeout_graceful_shutdown=10))
+    if engine is not None:
+        engine.on_failure = lambda reason: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the signal once it has shut down (as uvicorn.run does)
+        pass
+    return 1 if engine is not None and engine.startup.error else 0
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,6 +129,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
     g = GeneratorConfig()
     add_runtime_arguments(p)
+    add_backend_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs API keys)")
     p.add_argument("--port", type=port, default=8000, help="TCP port, 1..65535")
     p.add_argument("--store", type=Path, default=Path("pidrt-store"), help="identity store directory (created if missing)")
@@ -135,7 +154,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                           timeout_s=args.timeout_s, enroll_detector=args.detector, defaults=defaults)
     return ServeConfig(runtime=runtime_options_from_args(args), host=args.host, port=args.port, store=args.store,
                        log_level=args.log_level, generator=gen, auth=auth_from_args(args),
-                       allow_unauthenticated=args.allow_unauthenticated)
+                       allow_unauthenticated=args.allow_unauthenticated, backend=backend_options_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     try:
         return serve_main(config_from_args(args))
-    except PidrtError as exc:
+    except PidrtError as exc:  # e.g. a backend that cannot run here: the reason, not a traceback
         print(f"pidrt serve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,6 @@ Python caller and an HTTP caller are refused with the same messages.
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import asdict
 from typing import Annotated, Any, Union
 
@@ -18,9 +17,9 @@ from pidrt.runtime.requests import (
     GenerationRequest,
     GenerationResult,
     InvalidRequest,
+    parse_size,
 )
 
-SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 Number = Union[StrictInt, StrictFloat]
 
 
@@ -55,12 +54,7 @@ class GenerationBody(BaseModel):
     def to_request(self) -> GenerationRequest:
         if self.response_format not in (None, "b64_json"):
             raise InvalidRequest(f"response_format {self.response_format!r} is not served; use 'b64_json'")
-        width = height = None
-        if self.size is not None and self.size != "auto":
-            m = SIZE_RE.match(self.size)
-            if not m:
-                raise InvalidRequest(f"size must look like '512x512' (width x height) or 'auto'; got {self.size!r}")
-            width, height = int(m.group(1)), int(m.group(2))
+        width, height = parse_size(self.size)
         return GenerationRequest(
             prompt=self.prompt, negative_prompt=self.negative_prompt, identity=self.identity, method=self.method,
             scale=self.scale, scale_start=self.scale_start, scale_end=self.scale_end, steps=self.steps,

@@ -14,7 +14,7 @@ Replicas share the identity store directory (a shared volume across nodes); enro
 any replica and writes there. Needs Ray >= 2.47 (`serve.ingress` with an app builder function).
 
     from pidrt.serve.ray_app import RaySettings, run_ray
-    run_ray(RaySettings(store_dir="/shared/pidrt-store", num_gpus=1,
+    run_ray(RaySettings(store_dir="/shared/pidrt-store", num_gpus=1, backend=BackendOptions(backend="trt"),
                         autoscaling=Autoscaling(min_replicas=1, max_replicas=4)), port=8000)
 """
 
@@ -27,6 +27,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from pidrt.engines.options import BackendOptions
 from pidrt.errors import PidrtError, require
 from pidrt.runtime.generator import Generator
 from pidrt.runtime.requests import (
@@ -73,6 +74,7 @@ class Autoscaling:
 class RaySettings:
     store_dir: str
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # its device is replaced by "cuda" with GPUs
+    backend: BackendOptions = field(default_factory=BackendOptions)  # auto: fast on GPU replicas, torch on CPU
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     num_replicas: int = 1  # used when autoscaling is None
@@ -99,7 +101,7 @@ def _demo_generator(settings: RaySettings) -> Generator:
     from pidrt.serve.factory import build_generator
 
     runtime = dataclasses.replace(settings.runtime, device=settings.replica_device)
-    return build_generator(settings.store_dir, runtime, settings.generator)
+    return build_generator(settings.store_dir, runtime, settings.generator, settings.backend, progress=False)
 
 
 class _LoadedIdentity:
@@ -292,6 +294,13 @@ class RayEngine(Engine):
         except Exception:
             return False
 
+    async def readiness(self) -> dict:
+        if await self.ready():
+            return {"status": "ready", "backend": self.backend}
+        # Replicas build their models, engines and warm-up in their constructors.
+        return {"status": "loading", "backend": self.backend,
+                "loading": "the generator replicas (models, engines, warm-up of every bucket)"}
+
     async def stats(self) -> dict:
         return await self.handle.stats.remote()
 
@@ -300,7 +309,8 @@ def _ingress_builder(settings: RaySettings):
     def build_app():  # runs on the ingress replica
         from pidrt.serve.app import create_app
 
-        engine = RayEngine(lambda: serve.get_deployment_handle(GENERATOR_NAME, app_name=settings.app_name))
+        engine = RayEngine(lambda: serve.get_deployment_handle(GENERATOR_NAME, app_name=settings.app_name),
+                           backend=settings.backend.backend)
         return create_app(engine, settings.service, max_batch=settings.generator.max_batch, auth=settings.auth)
 
     return build_app

@@ -130,10 +130,15 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
 
     @app.get("/readyz")
     async def readyz():
-        if await service.engine.ready():
-            return {"status": "ready", "backend": service.engine.backend}
-        return JSONResponse({"status": "not ready", "error": {"message": "the engine is not ready", "type": "not_ready",
-                                                              "param": None, "code": 503}}, status_code=503)
+        body = await service.engine.readiness()  # while starting: what is still loading
+        if body["status"] == "ready":
+            return JSONResponse(body)
+        # The one error shape: an `error` object, beside what start-up is doing.
+        failure = body.get("error")
+        message = f"start-up failed: {failure}" if failure else (
+            f"the engine is not ready ({body['loading']})" if body.get("loading") else "the engine is not ready")
+        body["error"] = {"message": message, "type": "not_ready", "param": None, "code": 503}
+        return JSONResponse(body, status_code=503)
 
     @app.get("/v1/stats")
     async def stats():

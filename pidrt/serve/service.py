@@ -82,6 +82,10 @@ class Engine(ABC):
     async def ready(self) -> bool:
         ...
 
+    async def readiness(self) -> dict:
+        """/readyz's body: status "ready" (200) or another state (503) and what is loading."""
+        return {"status": "ready" if await self.ready() else "not ready", "backend": self.backend}
+
     def bind_metrics(self, metrics) -> None:
         """Attach engine-side metrics (batch sizes, queue depth) where the engine can."""
 

@@ -1,10 +1,10 @@
 """`pidrt bench` smoke: one timed iteration of the whole harness on the tiny preset (CPU).
 
 tiny, 2 steps, batch sizes 1 and 2, methods none + sca + eaa (resident, recompute), backends
-torch and ort (trt and fast_torch are asked for too and must come back as skipped with a reason
+torch and ort (trt and fast are asked for too and must come back as skipped with a reason
 here), the diffusers baseline, enrollment costs of sca and eaa.
 
-The ort graphs go into `pidrt.export.testing.tiny_export`'s folder (same seed-0 weights), so in a
+The ort graphs come from `pidrt.export.testing.tiny_export`'s folder (same seed-0 weights), so in a
 full test session the exports are shared with tests/export and tests/engines, whichever runs first.
 """
 
@@ -30,11 +30,13 @@ STAGES = ("text_encode_s", "unet_loop_s", "vae_decode_s", "total_s")
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    export_dir = tiny_export("none", kinds=("text_encoder", "vae_decoder"))
+    for method in ("sca", "eaa"):
+        tiny_export(method)
+    engines = tiny_export("none", kinds=("unet", "text_encoder", "vae_decoder"))
     config = BenchConfig(
-        backends=("torch", "ort", "trt", "fast_torch"),
+        backends=("torch", "ort", "trt", "fast"),
         methods=("none", "sca", "eaa"), eaa_placements=("resident", "recompute"), batch_sizes=(1, 2), steps=2,
-        warmup=1, iterations=1, threads=1, export_dir=export_dir, out_dir=out, name="smoke", progress=False,
+        warmup=1, iterations=1, threads=1, engines=engines, out_dir=out, name="smoke", progress=False,
         enroll=EnrollBenchConfig(methods=("sca", "eaa"), warmup=0, iterations=1),
     )
     messages = []
@@ -104,7 +106,7 @@ def test_backends_skipped_with_reasons(smoke):
     result, _, _ = smoke
     b = result["backends"]
     assert b["torch"]["available"]
-    assert not b["fast_torch"]["available"] and "GPU" in b["fast_torch"]["reason"]
+    assert not b["fast"]["available"] and "GPU" in b["fast"]["reason"]
     assert not b["trt"]["available"] and b["trt"]["reason"]
     for case in cases(result, "trt").values():
         assert case["status"] == "skipped" and "unavailable" in case["reason"]

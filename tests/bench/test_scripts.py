@@ -148,3 +148,20 @@ def test_bench_generation_smoke(tmp_path):
     # Same modules, noise and scheduler: pidrt's images are diffusers' (fp32 on CPU).
     assert result["image_max_abs_diff"] and max(result["image_max_abs_diff"].values()) < 1e-4
     assert all(r["speedup_vs_baseline"] > 0 for r in result["rows"] if r["baseline"])
+
+
+@pytest.mark.slow
+def test_serve_load_smoke(tmp_path):
+    """The served-path benchmark (gpu_session.sh served) end to end: a server process, the bare Generator."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    out = tmp_path / "load"
+    code = _bench("serve_load").main(["--backend", "torch", "--identities", "0", "--requests", "4",
+                                       "--concurrency", "2", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "serve_load.json").read_text())
+    torch_run = report["backends"]["torch"]
+    assert torch_run["served"]["answers"] == {"200": 4} and torch_run["bare"]["answers"] == {"200": 4}
+    assert torch_run["served"]["images_per_s"] > 0 and torch_run["bare"]["images_per_s"] > 0
+    assert torch_run["torch_bytes"] > 0 and torch_run["server_ready_s"] > 0
+    assert "| torch |" in (out / "serve_load.md").read_text()

@@ -1,4 +1,5 @@
-"""Ray Serve scale-out on CPU: two tiny-preset generator replicas behind the same HTTP API."""
+"""Ray Serve scale-out on CPU: two tiny-preset generator replicas on the ort backend behind the same
+HTTP API (the graphs come from `pidrt.export.testing.tiny_export`, shared with the other tests)."""
 
 from __future__ import annotations
 
@@ -17,19 +18,27 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_cpu_replicas_route_identities_by_affinity(tmp_path, photos, make_config):
+def test_two_cpu_ort_replicas_route_identities_by_affinity(tmp_path, photos, make_config):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx_graphsurgeon")
+    from pidrt.engines.options import BackendOptions
+    from pidrt.export.testing import tiny_export
     from pidrt.serve.ray_app import Autoscaling, RaySettings, build_ray_app
 
     assert Autoscaling(min_replicas=1, max_replicas=4).to_ray()["max_replicas"] == 4
+    tiny_export("ip")
+    engines = tiny_export("none", kinds=("unet", "text_encoder", "vae_decoder"))
     port = free_port()
     settings = RaySettings(store_dir=str(tmp_path / "store"), num_gpus=0, num_cpus=0, num_replicas=2,
-                           max_identities_per_replica=4, generator=make_config(max_wait_ms=20))
+                           max_identities_per_replica=4, generator=make_config(max_wait_ms=20),
+                           backend=BackendOptions(backend="ort", engines=engines, methods=("ip",), threads=1))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_ray_app(settings), name=settings.app_name, route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-            assert c.get("/readyz").status_code == 200
+            ready = c.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["backend"] == "ort"
             ids = []
             for photo in photos:
                 r = c.post("/v1/identities", files=[("images", ("face.png", photo, "image/png"))],
@@ -43,6 +52,7 @@ def test_two_cpu_replicas_route_identities_by_affinity(tmp_path, photos, make_co
                 assert r.status_code == 200, r.text
                 body = r.json()
                 assert body["data"][0]["identity"] == ident and body["data"][0]["seed"] == k
+                assert body["backend"] == "ort"
                 replicas[ident].add(body["replica"])
             # Identity affinity: each identity's requests stayed on the replica that loaded it.
             assert all(len(r) == 1 for r in replicas.values()), replicas

@@ -1,0 +1,182 @@
+"""`pidrt generate`: images from the command line through the same Generator the server runs.
+
+    pidrt generate --prompt "a portrait" --face me.jpg --method ip --n 2 --out portraits/
+    pidrt generate --prompt "a portrait" --identity ip-3f2a9c0d11b4e7a8 --store ~/.pidrt/identities --backend ort
+
+The request is validated (with the HTTP API's messages) before any model loads. With `--face`
+the photos are enrolled first (a stored entry for the same photos and models is reused). Each
+image is a PNG whose "parameters" text chunk carries the generation parameters in the line format
+image tools read (prompt; "Negative prompt: ..."; "Steps: .., Sampler: .., CFG scale: .., Seed: ..,
+Size: ..", plus pidrt's identity fields), and one JSON sidecar describes the run.
+
+Outputs: `--out x.png` writes x.png (n > 1: x-0.png, x-1.png, ...) and x.json; `--out DIR` writes
+DIR/pidrt-<seed>.png per image and DIR/pidrt-<first seed>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import sys
+from pathlib import Path
+
+from pidrt.errors import PidrtError
+
+SAMPLERS = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M"}  # the sampler names image tools show
+
+
+def add_generate_parser(sub) -> argparse.ArgumentParser:
+    from pidrt.engines.options import add_backend_arguments
+    from pidrt.runtime.setup import add_runtime_arguments
+
+    from pidrt.argtypes import RawDescriptionHelpFormatter, nonnegative_int, positive_float, positive_int
+    from pidrt.identity.faces import BACKENDS
+
+    p = sub.add_parser("generate", help="make images (optionally of an identity) with the serving Generator",
+                       description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    add_runtime_arguments(p, seed_option="--weights-seed")
+    add_backend_arguments(p)
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--identity", help="a stored identity id (sca-…, ip-…, eaa-…)")
+    who.add_argument("--face", type=Path, nargs="+", help="photos of one person, enrolled first")
+    p.add_argument("--method", choices=["sca", "ip", "eaa"],
+                   help="with --face: how to enroll (default ip); with --identity: must be the id's")
+    p.add_argument("--scale", type=float, help="identity strength (default: the method's paper default, SCA 0.4, "
+                                               "EAA 0.8, IP-Adapter 1.0, or the adapter file's)")
+    p.add_argument("--scale-start", type=nonnegative_int, default=0, help="first step the identity branch acts on")
+    p.add_argument("--steps", type=positive_int,
+                   help="sampling steps (default: 30; an EAA identity's recorded count; --face --method eaa: 50)")
+    p.add_argument("--guidance", type=positive_float, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--seed", type=int, help="image i gets seed + i (default: random, written to the files)")
+    p.add_argument("--n", type=positive_int, default=1, help="images")
+    p.add_argument("--size", help="WxH, e.g. 512x512 (default: the preset's resolution)")
+    p.add_argument("--scheduler", help="ddim (default) or dpm++2m")
+    p.add_argument("--store", type=Path, default=Path("pidrt-store"), help="identity store (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("."), help="a .png file or a folder (default: %(default)s)")
+    p.add_argument("--detector", default="auto", choices=BACKENDS, help="face detector for --face")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from pidrt.engines.options import Bucket, Buckets, backend_options_from_args
+    from pidrt.models.presets import get_preset
+    from pidrt.runtime.requests import GenerationRequest, GeneratorConfig, parse_size, resolve_request
+    from pidrt.runtime.setup import runtime_options_from_args
+    from pidrt.serve.factory import build_generator
+
+    faces = []
+    for path in a.face or ():
+        if not path.is_file():
+            raise PidrtError(f"{path}: no such image file")
+        faces.append(path.read_bytes())
+    width, height = parse_size(a.size)
+    method = a.method or ("ip" if faces else None)
+    request = GenerationRequest(a.prompt, a.negative_prompt, a.identity, method if a.identity else None, a.scale,
+                                a.scale_start, None, a.steps, a.guidance, a.seed, width, height, a.n, "png", None,
+                                a.scheduler)
+    runtime = runtime_options_from_args(a)
+    config = GeneratorConfig(max_batch=max(1, a.n), timeout_s=86400.0,
+                             enroll_detector=a.detector)
+    resolved = resolve_request(request, config, get_preset(runtime.preset))  # bad input fails before any model loads
+    backend = backend_options_from_args(a)
+    # Prepare exactly this run: its shape, the UNet graph of its method; an engine server enrolling
+    # EAA keeps the torch UNet it records features with. No separate warm-up: the one generation
+    # pays a first call's costs either way.
+    need = resolved.method or method
+    backend = dataclasses.replace(
+        backend, warmup=False, buckets=backend.buckets or Buckets((Bucket(resolved.width, resolved.height, resolved.n),)),
+        methods=backend.methods or ((need,) if need else ("none",)),
+        keep_torch_unet=backend.keep_torch_unet or (bool(faces) and method == "eaa"))
+    generator = build_generator(a.store, runtime, config, backend, progress=not a.no_progress)
+    try:
+        enrolled, identity = None, request.identity
+        if faces:
+            from pidrt.identity.enroll import EnrollOptions
+
+            # EAA: --steps, else the enrollment default (the paper's 50), as `pidrt enroll`; the
+            # generation then runs the identity's recorded count.
+            options = {"resolution": resolved.width, "steps": a.steps or EnrollOptions.steps} if method == "eaa" else {}
+            enrolled = generator.enroll(faces, method, names=tuple(str(p) for p in a.face), **options)
+            identity = enrolled.identity_id
+        # Again with the generator's own defaults: the method's scale (adapter metadata, else the
+        # paper's) and an EAA identity's recorded step count; the seeds drawn above are kept.
+        resolved = generator.resolve(dataclasses.replace(request, identity=identity, seed=list(resolved.seeds)))
+        result = _run(generator, resolved, progress=not a.no_progress)
+    finally:
+        generator.close()
+    files = write_outputs(result, a.out, generator, enrolled)
+    print(json.dumps({"images": [str(f) for f in files["images"]], "sidecar": str(files["sidecar"]),
+                      "seeds": list(result.request.seeds), "backend": result.backend}))
+    return 0
+
+
+def _run(generator, request, progress: bool):
+    from tqdm import tqdm
+
+    with tqdm(total=request.steps, desc="generating", unit="step", disable=not progress, leave=False) as bar:
+        def on_event(ev) -> None:
+            if ev.type == "step":
+                bar.update(ev.step - bar.n)
+
+        return generator.submit(request, on_event).result()
+
+
+def parameters_text(result, image, model: str, device: str) -> str:
+    """The "parameters" text chunk, in the line format image tools parse."""
+    r = result.request
+    fields = {"Steps": r.steps, "Sampler": SAMPLERS.get(r.scheduler, r.scheduler), "CFG scale": r.guidance,
+              "Seed": image.seed, "Size": f"{r.width}x{r.height}", "Model": model, "Backend": result.backend,
+              "Device": device}
+    if r.identity:
+        fields |= {"Identity": r.identity, "Identity method": r.method, "Identity scale": r.scale,
+                   "Identity scale start": r.scale_start}
+    from pidrt import __version__
+
+    fields["Version"] = f"pidrt {__version__}"
+    lines = [r.prompt] + ([f"Negative prompt: {r.negative_prompt}"] if r.negative_prompt else [])
+    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items())])
+
+
+def png_with_parameters(data: bytes, text: str) -> bytes:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def output_paths(out: Path, seeds) -> tuple[list[Path], Path]:
+    if out.suffix.lower() == ".png":
+        images = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(len(seeds))]
+        return images, out.with_suffix(".json")
+    return [out / f"pidrt-{s}.png" for s in seeds], out / f"pidrt-{seeds[0]}.json"
+
+
+def write_outputs(result, out: Path, generator, enrolled=None) -> dict:
+    from pidrt.fileio import atomic_write
+
+    r = result.request
+    model, device = str(generator.pipe.models.name), str(generator.pipe.device)
+    images, sidecar = output_paths(Path(out), r.seeds)
+    for path, image in zip(images, result.images):
+        atomic_write(path, png_with_parameters(image.data, parameters_text(result, image, model, device)))
+    meta = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seeds": list(r.seeds),
+            "images": [{"file": p.name, "seed": i.seed} for p, i in zip(images, result.images)],
+            "identity": r.identity, "method": r.method, "scale": r.scale, "scale_start": r.scale_start,
+            "scale_end": r.scale_end, "steps": r.steps, "guidance": r.guidance, "scheduler": r.scheduler,
+            "size": f"{r.width}x{r.height}", "backend": result.backend, "device": device,
+            "dtype": str(generator.pipe.dtype).removeprefix("torch."), "model": model, "timings": result.timings,
+            "enrolled": None if enrolled is None else {"id": enrolled.identity_id, "created": enrolled.created,
+                                                       "seconds": round(enrolled.seconds, 3)}}
+    atomic_write(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
+    print(f"wrote {len(images)} image(s) and {sidecar}", file=sys.stderr)
+    return {"images": images, "sidecar": sidecar}
