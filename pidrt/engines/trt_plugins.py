@@ -1,4 +1,4 @@
-"""pidrt's kernels as TensorRT ahead-of-time plugins (``tensorrt.plugin``, TensorRT >= 10.10).
+"""pidrt's kernels as TensorRT ahead-of-time plugins (``tensorrt.plugin``, TensorRT >= 10.9).
 
 `register` defines ``pidrt::few_token`` and ``pidrt::dual_kv`` (the node contracts of
 ``pidrt.export.plugin_nodes``) with TensorRT's Python plugin API: an output description, the
@@ -16,9 +16,10 @@ functions' annotations with ``inspect.signature`` and ``issubclass``, so they mu
 
 The int attributes (n_tokens, heads) are declared as one-element int32 arrays, not ``int``:
 TensorRT's ONNX parser hands an INT attribute over as a length-1 int32 PluginField, and
-``tensorrt.plugin`` rebuilds a scalar-annotated one with ``int(field.data)``, which NumPy >= 2.4
-refuses for a 1-D array (TypeError; NumPy 1.25-2.3 warn). Array-annotated fields are rebuilt
-with ``.astype`` instead.
+``tensorrt.plugin`` before TensorRT 11.4 rebuilds a scalar-annotated one with
+``int(field.data)``, which NumPy >= 2.4 refuses for a 1-D array (TypeError; NumPy 1.25-2.3 warn).
+11.4 takes the array's one element instead. Array-annotated fields are rebuilt with ``.astype``
+on every version, so the array form works from 10.9 on.
 """
 
 import hashlib
@@ -90,7 +91,7 @@ def register() -> None:
     trt = require("tensorrt", "trt")
     trtp = require("tensorrt.plugin", "trt")
     if not hasattr(trtp, "aot_impl"):
-        raise PidrtError(f"plugin graphs need TensorRT >= 10.10 (ahead-of-time plugins); this is {trt.__version__}. "
+        raise PidrtError(f"plugin graphs need TensorRT >= 10.9 (ahead-of-time plugins); this is {trt.__version__}. "
                          "Export without --trt-plugins for this TensorRT.")
     require("triton", "kernels")
     import numpy as np

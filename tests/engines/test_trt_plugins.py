@@ -118,8 +118,8 @@ def np_dtype(annotation):
     return typing.get_args(typing.get_args(annotation)[1])[0]
 
 def create_plugin_attr(annotation, data):
-    # tensorrt.plugin's create_plugin: arrays through astype, scalars through the annotation
-    # (int(a length-1 array): a TypeError on NumPy >= 2.4, as in TensorRT)
+    # tensorrt.plugin's create_plugin before 11.4: arrays through astype, scalars through the
+    # annotation (int(a length-1 array): a TypeError on NumPy >= 2.4; 11.4 takes data[0])
     dtype = np_dtype(annotation)
     return data.astype(dtype) if dtype is not None else annotation(data)
 
@@ -227,11 +227,11 @@ trt_plugins.register()
 trt_plugins.register()  # idempotent (TensorRT refuses a second definition)
 
 def parse(node):
-    # onnx-tensorrt's FallbackPluginImporter: the creator is (op_type, plugin_version or "1",
-    # plugin_namespace or ""), the node's domain only a fallback namespace; a field is made for
-    # each attribute the creator registered (an ONNX INT as a length-1 int32 array), others are
-    # dropped; aot != 0 asks for the AOT implementation. tensorrt.plugin's create_plugin then
-    # converts each field with its annotation.
+    # onnx-tensorrt's FallbackPluginImporter: the creator is looked up by exactly (op_type,
+    # plugin_version or "1", plugin_namespace or ""); the node's domain plays no part. A field is
+    # made for each attribute the creator registered (an ONNX INT as a length-1 int32 array),
+    # others are dropped; aot != 0 asks for the AOT implementation. tensorrt.plugin's
+    # create_plugin then converts each field with its annotation.
     import onnx
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -239,7 +239,7 @@ def parse(node):
     assert attrs.get("plugin_version", b"1").decode() == "1"  # tensorrt.plugin registers version "1"
     plugin_id = f"{namespace}::{node.op_type}"
     if plugin_id not in plugins:
-        plugin_id = f"{node.domain}::{node.op_type}"
+        raise KeyError(f"no plugin creator {node.op_type} version 1 in namespace {namespace!r}")
     plugin = plugins[plugin_id]
     fields = {n: np.array([attrs[n]], dtype=np.int32) for n in plugin["attrs"] if n in attrs}
     converted = {n: create_plugin_attr(plugin["attrs"][n], v) for n, v in fields.items()}
