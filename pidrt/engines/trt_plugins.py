@@ -4,6 +4,8 @@
 ``pidrt.export.plugin_nodes``) with TensorRT's Python plugin API: an output description, the
 dtypes they take (fp32 or fp16, all inputs alike) and an ``aot_impl`` that compiles the Triton
 kernel for the GPU the engine is built on and returns its PTX, launch grid and int32 arguments.
+The dtypes offered are those whose tiles fit the 48 KiB of shared memory a plain launch gets: fp16
+everywhere, fp32 except dual-KV at head dims over 128 (TensorRT then runs that node in fp16).
 TensorRT embeds the PTX in the engine, so a built engine runs without Python or Triton.
 
 The launch plans (argument order, strides as shape expressions, grid) are the kernels' own
@@ -22,9 +24,6 @@ TensorRT's ONNX parser hands an INT attribute over as a length-1 int32 PluginFie
 on every version, so the array form works from 10.9 on.
 """
 
-import hashlib
-from pathlib import Path
-
 from pidrt.errors import PidrtError, require
 
 _REGISTERED: list[bool] = []
@@ -32,13 +31,9 @@ _REGISTERED: list[bool] = []
 
 def kernels_fingerprint() -> str:
     """Hash of the kernel sources an AOT engine embeds: part of its cache key, so edits rebuild."""
-    import pidrt.kernels as pkg
+    from pidrt.kernels import sources_fingerprint
 
-    root = Path(pkg.__file__).parent
-    digest = hashlib.sha256()
-    for name in ("aot.py", "few_token.py", "dual_kv.py", "_common.py"):
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()
+    return sources_fingerprint(("aot.py", "few_token.py", "dual_kv.py", "_common.py"))
 
 
 def _int_attr(value, what: str) -> int:
@@ -107,7 +102,11 @@ def register() -> None:
             return torch.float32
         raise PidrtError(f"pidrt plugins take float16 or float32 tensors, got {desc.dtype}")
 
-    same_types = lambda n: trtp.AutoTuneCombination(", ".join(["FP32|FP16"] * n))
+    def same_types(n: int, dtypes=(torch.float32, torch.float16)):
+        """All n tensors of one of `dtypes`: those whose kernel tiles fit an AOT launch (48 KiB of shared memory)."""
+        names = "|".join(name for dt, name in ((torch.float32, "FP32"), (torch.float16, "FP16")) if dt in dtypes)
+        return trtp.AutoTuneCombination(", ".join([names] * n))
+
     int_attr = npt.NDArray[np.int32]  # see the module docstring
     # TensorRT refuses an aot_impl without this return annotation.
     aot_result = tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
@@ -140,7 +139,9 @@ def register() -> None:
 
     @trtp.autotune("pidrt::dual_kv")
     def _dual_kv_types(q, k, v, k2, v2, sigma, heads, outputs):
-        return [same_types(7)]
+        channels = q.shape[2]  # -1 where not a build-time constant (aot_impl refuses that graph)
+        return [same_types(7, dual_kv.plugin_dtypes(channels // _int_attr(heads, "dual_kv: heads")) if channels > 0
+                           else (torch.float16,))]
 
     @trtp.aot_impl("pidrt::dual_kv")
     def _dual_kv_aot(q, k, v, k2, v2, sigma, heads: int_attr, outputs, tactic) -> aot_result:

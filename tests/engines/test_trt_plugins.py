@@ -70,6 +70,7 @@ def cdiv(first, second):
 class TensorDesc:
     def __init__(self, shape, dtype="HALF"):
         self.shape_expr = [ShapeExpr(s) for s in shape]
+        self.shape = tuple(s if isinstance(s, int) else -1 for s in shape)  # what autotune sees: -1 dynamic
         self.dtype = dtype
     def like(self):
         return TensorDesc([e.v for e in self.shape_expr], self.dtype)
@@ -254,6 +255,10 @@ out = {"registered": sorted(plugins), "parsed": {k: [v[0], as_json(v[1]), v[2]] 
                                                   d("B", 32, 320), d("B", 320), d("B")], nodes["few_token"][1]),
        "dual_kv": build(nodes["dual_kv"][0], [d("B", "N", 640), d("B", 77, 640), d("B", 77, 640), d("B", "M", 640),
                                               d("B", "M", 640), d("B")], nodes["dual_kv"][1])}
+# Head dim 160: no fp32 tile of dual_kv fits 48 KiB of shared memory, so fp16 only.
+wide = [d("B", "N", 1280), d("B", 77, 1280), d("B", 77, 1280), d("B", "M", 1280), d("B", "M", 1280), d("B")]
+out["dual_kv_d160_types"] = [", ".join(c.io_types) for c in plugins["pidrt::dual_kv"]["autotune"](
+    *wide, nodes["dual_kv"][1]["heads"], None)]
 try:
     build("pidrt::few_token", [d("B", "N", 320), d("B", "N", "C"), d("B", 320, 32), d("B", 32, 320), d("B", 320),
                                d("B")], nodes["few_token"][1])
@@ -311,6 +316,7 @@ def test_aot_impls_translate_the_launch_plans(tmp_path):
     assert dual["extra"][:3] == ["(N*640)", 80, 640]  # q: batch, head and token strides over [B, N, H*d]
     assert dual["extra"][-5:] == [8, "N", 77, "M", 80]  # H, N, M1, M2, D
     assert "build-time constant" in r["dynamic_channels"]
+    assert dual["types"] == [", ".join(["FP32|FP16"] * 7)] and r["dual_kv_d160_types"] == [", ".join(["FP16"] * 7)]
 
 
 @pytest.mark.gpu
