@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check of issue #5 in one run, sized to fit a short device lease: the stages' limits add
-# up to 585 s, inside one device command (600 s), leaving room for the machine's start.
+# Every GPU check of issue #5 in one run, sized to fit a short device lease: the core stages'
+# limits add up to 555 s (under 560), inside one device command (600 s), leaving room for the
+# machine's start; `DRY_RUN=1` prints the stages and their limits without running them.
 #
 #   bash benchmarks/gpu_session.sh --fetch-wheels   # here, with pip access: diffusers into .whl/
 #   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning|served]   # on the GPU machine
@@ -13,11 +14,15 @@
 # and 8, against the bare Generator on the same backend (identity-less requests: the face
 # detector's packages are not on the GPU machine). Needs the serving wheels (--fetch-wheels).
 #
-# The GPU machine has torch, Triton, numpy, transformers, safetensors but no diffusers and no
-# package registry, so diffusers (pure Python; the only missing import on Python 3.12) travels
-# as a wheel in .whl/ and pidrt runs from the checkout (PYTHONPATH). Stages run in order, each
-# under its own time limit, and a stage that fails or times out does not stop the next one: one
-# lease should bring back everything that worked. $OUT (default ./gpu-session) gets
+# The GPU machine has torch, Triton, numpy, transformers, safetensors, pytest-timeout but no
+# diffusers and no package registry, so diffusers (pure Python; the only missing import on Python
+# 3.12) travels as a wheel in .whl/ and pidrt runs from the checkout (PYTHONPATH). Stages run in
+# order, each under its own time limit, and a stage that fails or times out does not stop the
+# next one: one lease should bring back everything that worked. The pytest stage is stopped with
+# SIGINT first (pytest then still writes the JUnit report of the tests that finished; SIGTERM
+# would leave none), SIGKILL only if it has not ended 15 s later; each test has its own limit
+# where pytest-timeout is installed, so one hung test cannot take the stage. $OUT (default
+# ./gpu-session) gets
 #   session.log      everything printed, the environment, each stage's exit status and seconds
 #   results.tar.gz   every stage's files (JUnit XML of the GPU tests, each benchmark's json + md),
 #                    re-packed after each stage so a run cut short still brings back what it did
@@ -42,11 +47,11 @@ fi
 SET=${1:-core}
 [[ "$SET" == core || "$SET" == tuning || "$SET" == served ]] || { echo "unknown stage set '$SET': core, tuning or served"; exit 2; }
 OUT=${OUT:-$PWD/gpu-session}
-RES=$(mktemp -d)
+RES=$([[ -n "${DRY_RUN:-}" ]] && echo "$OUT/results" || mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [[ -z "${DRY_RUN:-}" ]] && compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "installing the carried wheels failed"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
@@ -55,11 +60,17 @@ else
 fi
 
 declare -a SUMMARY
-stage() {  # stage NAME SECONDS COMMAND...
+stage() {  # stage [--int] NAME SECONDS COMMAND...  (--int: SIGINT at the limit, then SIGKILL 15 s later)
+    local signal=TERM grace=5
+    [[ "$1" == --int ]] && { signal=INT; grace=15; shift; }
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
     echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
-    timeout -k 10 "$limit" "$@"
+    if [[ -n "${DRY_RUN:-}" ]]; then
+        echo "timeout --signal=$signal -k $grace $limit $*"
+        return 0
+    fi
+    timeout --signal="$signal" -k "$grace" "$limit" "$@"
     rc=$?
     [[ $rc == 124 || $rc == 137 ]] && echo "=== $name TIMED OUT after ${limit}s"
     SUMMARY+=("$name rc=$rc $((SECONDS - start))s")
@@ -68,14 +79,14 @@ stage() {  # stage NAME SECONDS COMMAND...
     return 0
 }
 
-stage env 20 bash -c 'nvidia-smi; python3 -c "
+stage env 40 bash -c 'nvidia-smi; python3 -c "
 import torch, triton, diffusers, transformers
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__,
       \"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__)
 print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"; python3 -m pidrt.cli doctor
 echo "commit ${PIDRT_GIT_COMMIT:-unknown}"'
 if [[ "$SET" == tuning ]]; then
-    stage kernels-sweep 150 python3 benchmarks/bench_kernels.py --out "$RES/kernels_sweep" --sweep
+    stage kernels-sweep 140 python3 benchmarks/bench_kernels.py --out "$RES/kernels_sweep" --sweep
     stage kernels-sweep-bf16 70 python3 benchmarks/bench_kernels.py --out "$RES/kernels_sweep_bf16" --sweep \
         --dtype bf16
     stage unet-step-compile 300 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step_compile" --compile \
@@ -86,11 +97,11 @@ if [[ "$SET" == tuning ]]; then
 fi
 if [[ "$SET" == served ]]; then
     # auto on the GPU: fast kept after its check against the reference, every bucket captured at start.
-    stage pytest-gpu-served 60 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu-served.xml" \
-        tests/engines/test_choose.py
+    stage --int pytest-gpu-served 60 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        --junitxml="$RES/pytest-gpu-served.xml" tests/engines/test_choose.py
     # Each: server start (SD1.5 random weights, buckets captured) + load + the bare Generator.
     for B in 1 8; do
-        stage "serve-fast-b$B" 230 python3 benchmarks/serve_load.py --backend fast --preset sd15 --device cuda \
+        stage "serve-fast-b$B" 225 python3 benchmarks/serve_load.py --backend fast --preset sd15 --device cuda \
             --dtype float16 --methods none --identities 0 --size 512 --steps 20 --n 1 --max-batch "$B" \
             --concurrency $((2 * B)) --requests $((6 * B)) --max-wait-ms 50 --ready-timeout-s 150 \
             --time-limit-s 80 --out "$RES/serve_fast_b$B"
@@ -102,20 +113,21 @@ if [[ "$SET" == served ]]; then
     printf '%s\n' "${SUMMARY[@]}"
     exit 0
 fi
-# The native kernel library (docs/native.md) for tests/kernels/test_native.py's GPU tests, which
-# otherwise build it themselves inside the pytest stage.
-stage native-build 45 bash -c 'cmake -S . -B build -G Ninja -DPython3_EXECUTABLE="$(command -v python3)" \
-    -DPIDRT_CUDA_ARCHS="$(python3 -c "import torch; print(*torch.cuda.get_device_capability(0), sep=\"\")")" \
-    && cmake --build build'
-stage pytest-gpu 140 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$RES/pytest-gpu.xml" \
-    tests/kernels tests/engines/test_fast_torch.py tests/identity/test_device_cache.py
-stage kernels 60 python3 benchmarks/bench_kernels.py --out "$RES/kernels"
+# A limit per test (pytest-timeout, where installed); tests run in the order named, so the slow
+# SD1.5 step test (the last of test_fast_torch.py) is the one an interrupted stage loses.
+# `on_device`: the kernel tests that run in the interpreter on CPU machines, compiled here.
+PER_TEST=()
+python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=100)
+stage --int pytest-gpu 180 python3 -m pytest -m "gpu or on_device" -q -rfE --durations=15 -p no:cacheprovider \
+    "${PER_TEST[@]}" --junitxml="$RES/pytest-gpu.xml" tests/kernels tests/identity/test_device_cache.py \
+    tests/runtime/test_eaa_feed.py tests/engines/test_fused_norms.py tests/engines/test_fast_torch.py
+stage kernels 55 python3 benchmarks/bench_kernels.py --out "$RES/kernels"
 # Besides the fast backend: with the fused GroupNorm+SiLU kernel (off by default until this
 # measures it), without the Triton kernels (EAA as two SDPA calls: is the fused pass worth it?)
 # and without channels_last (the default, unmeasured; torch's GroupNorm converts it back).
-stage unet-step 180 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step" --profile \
+stage unet-step 170 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step" --profile \
     --variants fast,fused-norms,no-kernels,nchw
-stage generation 140 python3 benchmarks/bench_generation.py --out "$RES/generation"
+stage generation 110 python3 benchmarks/bench_generation.py --out "$RES/generation"
 
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"

@@ -123,21 +123,24 @@ def cmd_kernels(a: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise PidrtError("pidrt kernels compiles for a GPU architecture; unset TRITON_INTERPRET (it makes the "
                          "kernels interpreter functions, which cannot be compiled)")
-    from pidrt.kernels.catalog import compile_variant, markdown, variants
+    from pidrt.kernels.catalog import compile_variant, markdown, report_meta, variants
 
     rows = []
     for variant in variants(get_preset(a.preset)):
-        for dtype in a.dtype:
-            print(f"compiling {variant.label} {dtype} for sm_{a.arch}", file=sys.stderr)
-            rows.append(compile_variant(variant, a.arch, getattr(torch, dtype), a.out, a.max_ptx_version))
+        for dtype in (getattr(torch, d) for d in a.dtype):
+            if variant.form in a.form and dtype in variant.dtypes:
+                print(f"compiling {variant.form} {variant.label} {dtype} for sm_{a.arch}", file=sys.stderr)
+                rows.append(compile_variant(variant, a.arch, dtype, a.out, a.max_ptx_version))
     table = markdown(rows, f"Triton kernel resources, {a.preset} preset, sm_{a.arch} (ptxas, compiled without a GPU)")
     if a.out is not None:
-        atomic_write(a.out / "report.json", json.dumps([r.to_json() for r in rows], indent=2).encode())
+        report = {"meta": report_meta(a.preset, a.arch), "rows": [r.to_json() for r in rows]}
+        atomic_write(a.out / "report.json", json.dumps(report, indent=2).encode())
         atomic_write(a.out / "report.md", table.encode())
     print(table, end="")
-    spilling = [f"{r.variant} {r.dtype}" for r in rows if r.spill_store_bytes]
-    if spilling and a.fail_on_spill:
-        print(f"pidrt: register spills in {', '.join(spilling)}", file=sys.stderr)
+    over = [f"{r.form} {r.variant} {r.dtype}" for r in rows if not r.fits]
+    if over and a.fail_on_spill:
+        print(f"pidrt: register spills or shared memory over the launch's limit in {', '.join(over)}",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -254,10 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "report registers, spills and shared memory (docs/engines.md)")
     p.add_argument("--preset", choices=["tiny", "sd15"], default="sd15", help="model shapes")
     p.add_argument("--arch", type=int, default=90, help="compute capability as major*10+minor (90: H100/H200)")
-    p.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"], default=["float16"],
-                   help="kernel dtypes")
-    p.add_argument("--out", type=Path, default=None, help="folder for the PTX files and report.json / report.md")
-    p.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any variant spills registers")
+    p.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"],
+                   default=["float16", "bfloat16", "float32"], help="of the dtypes each variant runs in, these")
+    p.add_argument("--form", nargs="+", choices=["plugin", "jit"], default=["plugin", "jit"],
+                   help="TensorRT plugin plans and/or what pidrt's launchers have Triton's JIT compile")
+    p.add_argument("--out", type=Path, help="folder for the PTX files and report.json / report.md")
+    p.add_argument("--fail-on-spill", action="store_true",
+                   help="exit 1 when any variant spills registers or needs more shared memory than its launch gets")
     p.add_argument("--max-ptx-version", type=int, default=None,
                    help="cap the PTX ISA, e.g. 90 for a CUDA 13.0 driver (default: the bundled ptxas's)")
     p.set_defaults(func=cmd_kernels)

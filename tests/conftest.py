@@ -83,6 +83,9 @@ def pytest_collection_modifyitems(config, items):
         for m in item.iter_markers("skipif"))]
     if unmarked:
         raise pytest.UsageError("tests that need a GPU but are not marked `gpu`: " + ", ".join(unmarked))
+    for item in items:  # compiled on a GPU, interpreted on a CPU: `-m on_device` selects them on a GPU
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.on_device)
     if CUDA and not INTERPRET:
         return
     skip = pytest.mark.skip(reason=NO_COMPILED_GPU)

@@ -1,9 +1,11 @@
-"""pidrt's kernels as TensorRT ahead-of-time plugins (``tensorrt.plugin``, TensorRT >= 10.10).
+"""pidrt's kernels as TensorRT ahead-of-time plugins (``tensorrt.plugin``, TensorRT >= 10.9).
 
 `register` defines ``pidrt::few_token`` and ``pidrt::dual_kv`` (the node contracts of
 ``pidrt.export.plugin_nodes``) with TensorRT's Python plugin API: an output description, the
 dtypes they take (fp32 or fp16, all inputs alike) and an ``aot_impl`` that compiles the Triton
 kernel for the GPU the engine is built on and returns its PTX, launch grid and int32 arguments.
+The dtypes offered are those whose tiles fit the 48 KiB of shared memory a plain launch gets: fp16
+everywhere, fp32 except dual-KV at head dims over 128 (TensorRT then runs that node in fp16).
 TensorRT embeds the PTX in the engine, so a built engine runs without Python or Triton.
 
 The launch plans (argument order, strides as shape expressions, grid) are the kernels' own
@@ -16,13 +18,11 @@ functions' annotations with ``inspect.signature`` and ``issubclass``, so they mu
 
 The int attributes (n_tokens, heads) are declared as one-element int32 arrays, not ``int``:
 TensorRT's ONNX parser hands an INT attribute over as a length-1 int32 PluginField, and
-``tensorrt.plugin`` rebuilds a scalar-annotated one with ``int(field.data)``, which NumPy >= 2.4
-refuses for a 1-D array (TypeError; NumPy 1.25-2.3 warn). Array-annotated fields are rebuilt
-with ``.astype`` instead.
+``tensorrt.plugin`` before TensorRT 11.4 rebuilds a scalar-annotated one with
+``int(field.data)``, which NumPy >= 2.4 refuses for a 1-D array (TypeError; NumPy 1.25-2.3 warn).
+11.4 takes the array's one element instead. Array-annotated fields are rebuilt with ``.astype``
+on every version, so the array form works from 10.9 on.
 """
-
-import hashlib
-from pathlib import Path
 
 from pidrt.errors import PidrtError, require
 
@@ -31,13 +31,9 @@ _REGISTERED: list[bool] = []
 
 def kernels_fingerprint() -> str:
     """Hash of the kernel sources an AOT engine embeds: part of its cache key, so edits rebuild."""
-    import pidrt.kernels as pkg
+    from pidrt.kernels import sources_fingerprint
 
-    root = Path(pkg.__file__).parent
-    digest = hashlib.sha256()
-    for name in ("aot.py", "few_token.py", "dual_kv.py", "_common.py"):
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()
+    return sources_fingerprint(("aot.py", "few_token.py", "dual_kv.py", "_common.py"))
 
 
 def _int_attr(value, what: str) -> int:
@@ -90,7 +86,7 @@ def register() -> None:
     trt = require("tensorrt", "trt")
     trtp = require("tensorrt.plugin", "trt")
     if not hasattr(trtp, "aot_impl"):
-        raise PidrtError(f"plugin graphs need TensorRT >= 10.10 (ahead-of-time plugins); this is {trt.__version__}. "
+        raise PidrtError(f"plugin graphs need TensorRT >= 10.9 (ahead-of-time plugins); this is {trt.__version__}. "
                          "Export without --trt-plugins for this TensorRT.")
     require("triton", "kernels")
     import numpy as np
@@ -106,7 +102,11 @@ def register() -> None:
             return torch.float32
         raise PidrtError(f"pidrt plugins take float16 or float32 tensors, got {desc.dtype}")
 
-    same_types = lambda n: trtp.AutoTuneCombination(", ".join(["FP32|FP16"] * n))
+    def same_types(n: int, dtypes=(torch.float32, torch.float16)):
+        """All n tensors of one of `dtypes`: those whose kernel tiles fit an AOT launch (48 KiB of shared memory)."""
+        names = "|".join(name for dt, name in ((torch.float32, "FP32"), (torch.float16, "FP16")) if dt in dtypes)
+        return trtp.AutoTuneCombination(", ".join([names] * n))
+
     int_attr = npt.NDArray[np.int32]  # see the module docstring
     # TensorRT refuses an aot_impl without this return annotation.
     aot_result = tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
@@ -139,7 +139,9 @@ def register() -> None:
 
     @trtp.autotune("pidrt::dual_kv")
     def _dual_kv_types(q, k, v, k2, v2, sigma, heads, outputs):
-        return [same_types(7)]
+        channels = q.shape[2]  # -1 where not a build-time constant (aot_impl refuses that graph)
+        return [same_types(7, dual_kv.plugin_dtypes(channels // _int_attr(heads, "dual_kv: heads")) if channels > 0
+                           else (torch.float16,))]
 
     @trtp.aot_impl("pidrt::dual_kv")
     def _dual_kv_aot(q, k, v, k2, v2, sigma, heads: int_attr, outputs, tactic) -> aot_result:

@@ -3,8 +3,9 @@
 With ``SpecOptions(plugins=True)`` (``pidrt export --trt-plugins``) the UNet graph carries, instead
 of the plain-op subgraph of each branch, a node TensorRT's ONNX parser maps to pidrt's
 ahead-of-time plugins (``pidrt.engines.trt_plugins``): op_type = plugin name, a
-``plugin_namespace`` attribute (the parser's lookup key; the node's ``pidrt`` domain is only its
-fallback), and ``aot = 1`` so the parser takes the compiled-kernel implementation and the engine
+``plugin_namespace`` attribute (the parser's lookup key with the name and version, matched
+exactly; the node's ``pidrt`` domain, which ONNX needs for a custom op, plays no part in it), and
+``aot = 1`` so the parser takes the compiled-kernel implementation and the engine
 runs without Python. The default export keeps plain ops.
 
 The node contracts (inputs in order, one output, all of the graph's float dtype):

@@ -19,7 +19,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["available"]
+__all__ = ["available", "sources_fingerprint"]
+
+# The modules whose source decides the compiled code of every kernel.
+KERNEL_SOURCES = ("aot.py", "few_token.py", "dual_kv.py", "_common.py", "group_norm.py")
 
 
 def available() -> tuple[bool, str]:
@@ -39,3 +42,14 @@ def available() -> tuple[bool, str]:
     if torch.cuda.is_available():
         return True, f"triton importable; CUDA device {torch.cuda.get_device_name(0)!r}"
     return False, "triton is importable but there is no CUDA device and TRITON_INTERPRET is not 1"
+
+
+def sources_fingerprint(names: tuple[str, ...] = KERNEL_SOURCES) -> str:
+    """sha256 of these kernel modules' sources: what compiled code (an engine, a resource report) came from."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()

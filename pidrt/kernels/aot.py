@@ -11,6 +11,10 @@ expressions in the plugin), the grid and the compile-time constants. The same pl
 - ``run`` through Triton's launcher with exactly those arguments (on a GPU, or in the
   interpreter on CPU), which is how tests check the plugin's argument order, strides and
   grid against the reference without TensorRT.
+
+A `JitCall` is one launch as pidrt's launchers make it through Triton's JIT (``TritonOps``,
+the fused GroupNorm); its ``compile`` applies the specialisations the JIT makes from the
+argument values, so `pidrt kernels` can compile, on a CPU, the very code a GPU will JIT.
 """
 
 from __future__ import annotations
@@ -117,25 +121,10 @@ class Launch:
             # Checked here: below the target's first ISA, LLVM aborts the whole process.
             raise PidrtError(f"sm_{arch} needs PTX ISA {isa_text(oldest)} or newer (Triton targets "
                              f"sm_{arch}{'a' if arch >= 90 else ''}); the cap {isa_text(max_ptx_version)} is older")
-        from triton import compile as triton_compile
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        if not hasattr(self.kernel, "params"):
-            raise PidrtError("compiling needs the kernels imported without TRITON_INTERPRET=1 (they are "
-                             "interpreter functions in this process); compile in a separate process")
-        names = _parameters(self.kernel)[0]
-        source = ASTSource(fn=self.kernel, signature=self.signature(),
-                           constexprs={(names.index(n),): v for n, v in self.constexprs.items()})
-        # fp fusion (FMA) on, as Triton's JIT compiles the same kernels today; explicit, so the
-        # AOT code does not change when Triton flips its default.
-        options = {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
-        if max_ptx_version is not None:
-            options["ptx_version"] = min(max_ptx_version, toolchain_ptx_version(arch))
-        compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-        meta = compiled.metadata
-        _check_launch_abi(meta)
-        return CompiledKernel(meta.name, compiled.asm["ptx"], compiled.asm["cubin"], arch, meta.num_warps, meta.shared)
+        compiled = _compile(self.kernel, self.signature(), self.constexprs, (), self.num_warps, self.num_stages,
+                            arch, max_ptx_version)
+        _check_launch_abi(compiled.metadata)
+        return _compiled_kernel(compiled, arch)
 
     def run(self, tensors: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """Launch with exactly this plan's arguments (int scalars and grid) through Triton's JIT."""
@@ -146,6 +135,80 @@ class Launch:
         args = {**{n: tensors[n] for n in self.inputs}, **self.scalars, self.output: out, **self.constexprs}
         self.kernel[self.grid](**args, num_warps=self.num_warps, num_stages=self.num_stages)
         return out
+
+
+@dataclass(frozen=True)
+class JitCall:
+    """One launch through Triton's JIT: `kernel[grid](**args)`, every parameter by name."""
+
+    kernel: object  # a @triton.jit function
+    grid: tuple
+    args: dict = field(hash=False)  # runtime and constexpr parameters alike
+    num_warps: int
+    num_stages: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def specialisation(self) -> tuple[dict[str, str], dict[str, object], tuple[str, ...]]:
+        """(signature, constants, names with a divisible-by-16 hint) as Triton's JIT derives them.
+
+        The JIT (Triton 3.6 and 3.9 alike, `native_specialize_impl`) makes an int argument equal
+        to 1 a constant and None a constant; an int divisible by 16 (0 included) and a pointer
+        aligned to 16 bytes get ``tt.divisibility = 16``; floats are fp32 and never specialised.
+        """
+        names, declared = _parameters(self.kernel)
+        signature, constants, divisible = {}, {}, []
+        for name in names:
+            value = self.args[name]
+            if name in declared or value is None or (type(value) is int and value == 1):
+                constants[name] = value
+                signature[name] = "constexpr"
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + TRITON_TYPES[value.dtype]
+                if value.data_ptr() % 16 == 0:
+                    divisible.append(name)
+            elif type(value) is int:
+                signature[name] = "i32" if -INT32_MAX - 1 <= value <= INT32_MAX else "i64"
+                if value % 16 == 0:
+                    divisible.append(name)
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            else:
+                raise PidrtError(f"{self.kernel.__name__}: cannot specialise {name}={value!r}")
+        return signature, constants, tuple(divisible)
+
+    def compile(self, arch: int, max_ptx_version: int | None = None) -> CompiledKernel:
+        """Compile for sm_<arch> the code Triton's JIT would build for this call on such a GPU."""
+        signature, constants, divisible = self.specialisation()
+        return _compiled_kernel(_compile(self.kernel, signature, constants, divisible, self.num_warps,
+                                         self.num_stages, arch, max_ptx_version), arch)
+
+
+def _compile(kernel, signature: dict, constexprs: dict, divisible, num_warps: int, num_stages: int, arch: int,
+             max_ptx_version: int | None):
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not hasattr(kernel, "params"):
+        raise PidrtError("compiling needs the kernels imported without TRITON_INTERPRET=1 (they are "
+                         "interpreter functions in this process); compile in a separate process")
+    names = _parameters(kernel)[0]
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    # fp fusion (FMA) on, as Triton's JIT compiles the same kernels today; explicit, so the
+    # AOT code does not change when Triton flips its default.
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
+    if max_ptx_version is not None:
+        options["ptx_version"] = min(max_ptx_version, toolchain_ptx_version(arch))
+    return triton_compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _compiled_kernel(compiled, arch: int) -> CompiledKernel:
+    meta = compiled.metadata
+    return CompiledKernel(meta.name, compiled.asm["ptx"], compiled.asm["cubin"], arch, meta.num_warps, meta.shared)
 
 
 def _parameters(kernel) -> tuple[list[str], set[str]]:

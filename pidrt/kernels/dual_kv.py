@@ -21,10 +21,10 @@ import triton.language as tl
 
 from pidrt.errors import PidrtError
 from pidrt.kernels import _common as C
-from pidrt.kernels.aot import Launch, cdiv
+from pidrt.kernels.aot import JitCall, Launch, cdiv
 from pidrt.kernels.reference import dual_kv_reference
 
-__all__ = ["dual_kv_attention", "dual_kv_reference", "plugin_launch"]
+__all__ = ["dual_kv_attention", "dual_kv_reference", "jit_call", "plugin_dtypes", "plugin_launch"]
 
 
 @triton.jit
@@ -94,20 +94,37 @@ def _dual_kv_kernel(
              out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _config(dp: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) per padded head dim.
+def _config(dp: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim and dtype.
 
-    The largest tiles that ptxas (sm_90a) fits in registers without spilling while a Q tile, the
-    first pass's result and the second pass's accumulator are all live, with both the Triton CI
-    installs (3.9) and the one on the lent GPU machine (3.6): at dp = 256, (64, 16, 8) is
-    spill-free on 3.9 but spills 32 B on 3.6. See benchmarks/results/kernel-resources-*.md
-    (``pidrt kernels``); tests/kernels re-checks the installed Triton. Speed is not measured yet.
+    The largest tiles that ptxas (sm_90a) fits in registers without spilling, and in the 48 KiB
+    of shared memory a launch gets without an opt-in, while a Q tile, the first pass's result and
+    the second pass's accumulator are all live, with both the Triton CI installs (3.9) and the one
+    on the lent GPU machine (3.6): at dp = 256, (64, 16, 8) is spill-free on 3.9 but spills 32 B
+    on 3.6. fp32 runs its dots as IEEE FMA loops with operands staged in shared memory, so it
+    gets smaller tiles (the fp16 ones spill up to 7.5 KB and need up to 112 KiB); the two Tritons
+    disagree by a few spilled bytes on several candidates, these are clean with both. See
+    benchmarks/results/kernel-resources-*.md (``pidrt kernels``); tests/kernels re-checks the
+    installed Triton. Speed is not measured yet.
     """
+    if dtype == torch.float32:
+        if dp <= 64:
+            return 32, 32, 4, 2
+        if dp <= 128:
+            return 16, 32, 8, 2  # (32, 16, 4) spills 12 B on 3.6, (32, 16, 8) 16 B on 3.9
+        return 32, 16, 16, 2  # 66 KiB of shared memory: Triton's launcher opts in; no fp32 plugin here
     if dp <= 64:
-        return 128, 64, 8
+        return 128, 64, 8, 2
     if dp <= 128:
-        return 64, 64, 8
-    return 32, 16, 4
+        return 64, 64, 8, 2
+    return 32, 16, 4, 2
+
+
+def plugin_dtypes(head_dim: int) -> tuple[torch.dtype, ...]:
+    """The dtypes the ``pidrt::dual_kv`` plugin offers TensorRT at this head dim: those whose tile fits
+    the 48 KiB of shared memory an AOT launch gets (no fp32 tile at d > 128 does without spilling;
+    TensorRT then runs that layer's plugin in fp16 inside an fp32 engine)."""
+    return (torch.float16, torch.float32) if head_dim <= 128 else (torch.float16,)
 
 
 def dual_kv_attention(
@@ -147,24 +164,30 @@ def dual_kv_attention(
     if out.numel() == 0:
         return out
 
-    dp = max(16, C.next_pow2(d))
-    bm, bn, warps = _config(dp)
-    bm, bn = block_m or bm, block_n or bn
-    for name, v in (("block_m", bm), ("block_n", bn)):
-        if v < 16 or v & (v - 1):
+    for name, v in (("block_m", block_m), ("block_n", block_n)):
+        if v is not None and (v < 16 or v & (v - 1)):
             raise PidrtError(f"{name} must be a power of two >= 16, got {v}")
-    scale = (1.0 / math.sqrt(d)) if sm_scale is None else float(sm_scale)
-    grid = (triton.cdiv(tokens, bm), bsz * heads)
-    _dual_kv_kernel[grid](
-        q, k1, v1, k2, v2, sig,
-        *q.stride(), *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(), sig.stride(0), *out.stride(),
-        heads, tokens, m1, m2, d,
-        out,
-        QK_SCALE=C.LOG2E * scale,  # the kernel uses exp2
-        BLOCK_M=bm, BLOCK_N=bn, DP=dp, PREC=C.dot_precision(q.dtype),
-        num_warps=warps, num_stages=2,
-    )
+    jit_call(q, k1, v1, k2, v2, sig, out, sm_scale, block_m, block_n)()
     return out
+
+
+def jit_call(q, k1, v1, k2, v2, sigma: torch.Tensor, out: torch.Tensor, sm_scale: float | None = None,
+             block_m: int | None = None, block_n: int | None = None) -> JitCall:
+    """The launch `dual_kv_attention` makes on checked [B, H, N, d] tensors."""
+    bsz, heads, tokens, d = q.shape
+    dp = max(16, C.next_pow2(d))
+    bm, bn, warps, stages = _config(dp, q.dtype)
+    bm, bn = block_m or bm, block_n or bn
+    scale = (1.0 / math.sqrt(d)) if sm_scale is None else float(sm_scale)
+    names = ["Q", "K1", "V1", "K2", "V2", "Sigma", "sqb", "sqh", "sqn", "sqd", "sk1b", "sk1h", "sk1n", "sk1d",
+             "sv1b", "sv1h", "sv1n", "sv1d", "sk2b", "sk2h", "sk2n", "sk2d", "sv2b", "sv2h", "sv2n", "sv2d", "ssig",
+             "sob", "soh", "son", "sod", "H", "N", "M1", "M2", "D", "Out"]
+    values = [q, k1, v1, k2, v2, sigma, *q.stride(), *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(),
+              sigma.stride(0), *out.stride(), heads, tokens, k1.shape[2], k2.shape[2], d, out]
+    args = dict(zip(names, values, strict=True))
+    args.update(QK_SCALE=C.LOG2E * scale,  # the kernel uses exp2
+                BLOCK_M=bm, BLOCK_N=bn, DP=dp, PREC=C.dot_precision(q.dtype))
+    return JitCall(_dual_kv_kernel, (triton.cdiv(tokens, bm), bsz * heads), args, warps, stages)
 
 
 def plugin_launch(batch, tokens, kv1_tokens, kv2_tokens, heads: int, head_dim: int, dtype: torch.dtype,
@@ -179,7 +202,7 @@ def plugin_launch(batch, tokens, kv1_tokens, kv2_tokens, heads: int, head_dim: i
         raise PidrtError(f"head dim must be in 1..256, got {head_dim}")
     c = heads * head_dim
     dp = max(16, C.next_pow2(head_dim))
-    bm, bn, warps = _config(dp)
+    bm, bn, warps, stages = _config(dp, dtype)
     scalars = {"sqb": tokens * c, "sqh": head_dim, "sqn": c}
     for name, m in (("k1", kv1_tokens), ("v1", kv1_tokens), ("k2", kv2_tokens), ("v2", kv2_tokens)):
         scalars.update({f"s{name}b": m * c, f"s{name}h": head_dim, f"s{name}n": c})
@@ -189,4 +212,4 @@ def plugin_launch(batch, tokens, kv1_tokens, kv2_tokens, heads: int, head_dim: i
     constexprs = {**unit, "QK_SCALE": C.LOG2E / math.sqrt(head_dim), "BLOCK_M": bm, "BLOCK_N": bn, "DP": dp,
                   "PREC": C.dot_precision(dtype)}
     return Launch(_dual_kv_kernel, dtype, ("Q", "K1", "V1", "K2", "V2", "Sigma"), "Out", scalars, constexprs,
-                  (cdiv(tokens, bm), batch * heads), warps, 2)
+                  (cdiv(tokens, bm), batch * heads), warps, stages)

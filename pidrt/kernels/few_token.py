@@ -19,11 +19,11 @@ import triton.language as tl
 
 from pidrt.errors import PidrtError
 from pidrt.kernels import _common as C
-from pidrt.kernels.aot import Launch, cdiv
+from pidrt.kernels.aot import JitCall, Launch, cdiv
 from pidrt.kernels.reference import few_token_reference
 from pidrt.models.folded import FoldedBranch
 
-__all__ = ["few_token_branch", "few_token_reference", "plugin_launch"]
+__all__ = ["few_token_branch", "few_token_reference", "jit_call", "plugin_launch", "tiles"]
 
 
 @triton.jit
@@ -106,9 +106,18 @@ def _few_token_kernel(
                 res = tl.load(base_ptr + offs_c[None, :] * sbsc, mask=io_mask, other=0.0)
                 tl.store(out_ptr + offs_c[None, :] * soc, res.to(Out.dtype.element_ty), mask=io_mask)
 
-# 8 warps for every score-tile width: with 4, ptxas (sm_90a) spills the 64 x 64 output chunk plus
-# the probabilities for narrow tiles (HP*NP = 32: 308 bytes); with 8 no width spills (`pidrt kernels`).
-NUM_WARPS = 8
+def tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(block_n, block_k, block_c, num_warps): the largest that neither spills nor needs over 48 KiB
+    of shared memory on sm_90a with Triton 3.6 and 3.9 (`pidrt kernels`, benchmarks/results).
+
+    fp16/bf16: 64 x 64 tiles, 8 warps for every score-tile width (with 4, ptxas spills the 64 x 64
+    output chunk plus the probabilities for narrow tiles: HP*NP = 32, 308 bytes). fp32 runs its
+    dots as IEEE FMA loops whose operands are staged in shared memory: at 64 x 64 a 16-token head
+    group needs 80 KiB and spills; 32 x 32 with 4 warps needs at most 36 KiB.
+    """
+    if dtype == torch.float32:
+        return 32, 32, 32, 4
+    return 64, 64, 64, 8
 
 
 def _score_tile(heads: int, n_tok: int) -> tuple[int, int]:
@@ -137,9 +146,9 @@ def few_token_branch(
     scale: torch.Tensor | float,
     *,
     out: torch.Tensor | None = None,
-    block_n: int = 64,
-    block_k: int = 64,
-    block_c: int = 64,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    block_c: int | None = None,
     split_c: int | None = None,
 ) -> torch.Tensor:
     """base + scale[b] * (sum_h softmax(x A_h + score_bias_h) B_h + out_bias), one kernel launch.
@@ -147,7 +156,7 @@ def few_token_branch(
     base [B, N, C_out], x [B, N, C_in] (same float dtype; any strides), branch tensors with batch
     dim B or 1; scale [B], [1], [] or a number. ``out`` may be preallocated (``out=base`` updates
     in place). A and B are cast to x's dtype (a no-op when the caller already stores them so).
-    block_* and split_c (output-column programs per token tile) are tuning knobs.
+    block_* (default: `tiles`) and split_c (output-column programs per token tile) are tuning knobs.
     """
     C.check_tensor("x", x, 3)
     C.check_tensor("base", base, 3)
@@ -161,7 +170,6 @@ def few_token_branch(
     hn = branch.a.shape[-1] if branch.a.dim() == 3 else -1
     if n_tok < 1 or hn < n_tok or hn % n_tok:
         raise PidrtError(f"branch.a last dim ({hn}) must be heads * n_tokens (n_tokens={n_tok})")
-    heads = hn // n_tok
     a = _batched("branch.a", branch.a, bsz, (c_in, hn))
     bm = _batched("branch.b", branch.b, bsz, (hn, c_out))
     sb = _batched("branch.score_bias", branch.score_bias, bsz, (hn,))
@@ -171,49 +179,58 @@ def few_token_branch(
     for name, t in (("branch.score_bias", sb), ("branch.out_bias", ob)):
         if not t.is_floating_point():
             raise PidrtError(f"{name} must be a float tensor, got {t.dtype}")
-    a, bm = a.to(x.dtype), bm.to(x.dtype)
     scale_v = C.batch_vector("scale", scale, bsz, device)
     out = C.check_out(out, base)
     if out.numel() == 0:
         return out
-
-    hp, np_ = _score_tile(heads, n_tok)
     for name, v in (("block_n", block_n), ("block_k", block_k), ("block_c", block_c)):
-        if v < 16 or v & (v - 1):
+        if v is not None and (v < 16 or v & (v - 1)):
             raise PidrtError(f"{name} must be a power of two >= 16, got {v}")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    jit_call(base, x, FoldedBranch(a.to(x.dtype), bm.to(x.dtype), sb, ob, n_tok), scale_v, out, sms,
+             block_n, block_k, block_c, split_c)()
+    return out
+
+
+def jit_call(base, x, branch: FoldedBranch, scale: torch.Tensor, out: torch.Tensor, sms: int,
+             block_n: int | None = None, block_k: int | None = None, block_c: int | None = None,
+             split_c: int | None = None) -> JitCall:
+    """The launch `few_token_branch` makes on checked [B, ...] tensors, for a GPU with `sms` SMs."""
+    bsz, tokens, _ = x.shape
+    n_tok = int(branch.n_tokens)
+    hp, np_ = _score_tile(branch.heads, n_tok)
+    default_n, default_k, default_c, warps = tiles(x.dtype)
+    block_n, block_k, block_c = block_n or default_n, block_k or default_k, block_c or default_c
     n_tiles = triton.cdiv(tokens, block_n)
-    c_chunks = triton.cdiv(c_out, block_c)
+    c_chunks = triton.cdiv(base.shape[2], block_c)
     if split_c is None:
         # Small N (deep UNet levels: 256 or 64 tokens) gives too few programs to fill the GPU;
         # split the output columns, recomputing the (cheap) scores per split.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         split_c = max(1, min(c_chunks, (2 * sms) // max(1, n_tiles * bsz)))
     split_c = max(1, min(int(split_c), c_chunks))
     chunks_per_prog = triton.cdiv(c_chunks, split_c)
     split_c = triton.cdiv(c_chunks, chunks_per_prog)
-    grid = (n_tiles, split_c, bsz)
-    _few_token_kernel[grid](
-        base, x, a, bm, ob, scale_v, sb,
-        tokens, c_in, c_out, n_tok, heads, chunks_per_prog,
-        *base.stride(), *x.stride(), *a.stride(), *bm.stride(), *ob.stride(), scale_v.stride(0),
-        *sb.stride(), *out.stride(),
-        out,
-        HP=hp, NP=np_, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c,
-        COPY_BASE=out.data_ptr() != base.data_ptr() or out.stride() != base.stride(),
-        PREC=C.dot_precision(x.dtype),
-        num_warps=NUM_WARPS,
-        num_stages=2,
-    )
-    return out
+    names = ["Base", "X", "A", "Bm", "OB", "Scale", "SB", "N", "C_in", "C_out", "n_tok", "H", "chunks_per_prog",
+             "sbsb", "sbsn", "sbsc", "sxb", "sxn", "sxc", "sab", "sak", "saj", "sbb", "sbj", "sbc", "sobb", "sobc",
+             "sscale", "ssbb", "ssbj", "sob", "son", "soc", "Out"]
+    values = [base, x, branch.a, branch.b, branch.out_bias, scale, branch.score_bias,
+              tokens, x.shape[2], base.shape[2], n_tok, branch.heads, chunks_per_prog,
+              *base.stride(), *x.stride(), *branch.a.stride(), *branch.b.stride(), *branch.out_bias.stride(),
+              scale.stride(0), *branch.score_bias.stride(), *out.stride(), out]
+    args = dict(zip(names, values, strict=True))
+    args.update(HP=hp, NP=np_, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c,
+                COPY_BASE=out.data_ptr() != base.data_ptr() or out.stride() != base.stride(),
+                PREC=C.dot_precision(x.dtype))
+    return JitCall(_few_token_kernel, (n_tiles, split_c, bsz), args, warps, 2)
 
 
 # An AOT plan cannot look at the token count (it is symbolic until run time), so it fixes how
-# many output-column chunks one program streams; 4 x 64 columns re-reads x at most 5 times (1280).
+# many output-column chunks one program streams; 4 x 64 fp16 columns re-read x at most 5 times (1280).
 PLUGIN_CHUNKS_PER_PROGRAM = 4
 
 
 def plugin_launch(batch, tokens, c_in: int, c_out: int, heads: int, n_tokens: int, dtype: torch.dtype,
-                  cdiv=cdiv, block_n: int = 64, block_k: int = 64, block_c: int = 64) -> Launch:
+                  cdiv=cdiv) -> Launch:
     """The kernel's plan on contiguous tensors, as the TensorRT plugin ``pidrt::few_token`` runs it.
 
     Inputs base [B, N, C_out], x [B, N, C_in], a [B, C_in, H*n], b [B, H*n, C_out], bias [B, C_out],
@@ -222,6 +239,7 @@ def plugin_launch(batch, tokens, c_in: int, c_out: int, heads: int, n_tokens: in
     """
     hp, np_ = _score_tile(heads, n_tokens)
     hn = heads * n_tokens
+    block_n, block_k, block_c, warps = tiles(dtype)
     chunks = -(-c_out // block_c)
     per_prog = min(chunks, PLUGIN_CHUNKS_PER_PROGRAM)
     split = -(-chunks // per_prog)
@@ -235,4 +253,4 @@ def plugin_launch(batch, tokens, c_in: int, c_out: int, heads: int, n_tokens: in
     constexprs = {**unit, "SB": None, "ssbb": 0, "ssbj": 0, "HP": hp, "NP": np_, "BLOCK_N": block_n,
                   "BLOCK_K": block_k, "BLOCK_C": block_c, "COPY_BASE": True, "PREC": C.dot_precision(dtype)}
     return Launch(_few_token_kernel, dtype, ("Base", "X", "A", "Bm", "OB", "Scale"), "Out", scalars, constexprs,
-                  (cdiv(tokens, block_n), split, batch), NUM_WARPS, 2)
+                  (cdiv(tokens, block_n), split, batch), warps, 2)

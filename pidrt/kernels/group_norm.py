@@ -29,9 +29,10 @@ import triton.language as tl
 
 from pidrt.errors import PidrtError
 from pidrt.kernels import _common as C
+from pidrt.kernels.aot import JitCall
 from pidrt.kernels.reference import group_norm_reference
 
-__all__ = ["group_norm", "group_norm_reference"]
+__all__ = ["group_norm", "group_norm_reference", "jit_calls"]
 
 
 @triton.jit
@@ -140,12 +141,14 @@ def _group_block(cpg: int) -> tuple[int, int]:
 TILE = 8192  # elements of one program's tile (lanes x pixels)
 
 
-def num_warps(lanes: int, block_hw: int) -> int:
-    """~32 fp32 tile elements per thread. On a 64 x 128 tile with 4 warps ptxas (sm_90a) gives
-    the kernels 72-168 registers at SD1.5 shapes (Triton 3.6 and 3.9, both layouts); with 8,
-    48-128: more resident programs per SM for a memory-bound pass
-    (benchmarks/results/kernel-resources-sm90-group-norm-2026-12-01.md)."""
-    return min(16, max(4, lanes * block_hw // 1024))
+def num_warps(lanes: int, block_hw: int, per_thread: int = 32) -> int:
+    """About `per_thread` fp32 tile elements per thread: 32 for the statistics pass (8 warps on a
+    64 x 128 tile: 48-128 registers per thread at SD1.5 shapes, more resident programs per SM for a
+    memory-bound pass; benchmarks/results/kernel-resources-sm90-group-norm-2026-12-01.md), 64 for
+    the apply pass (4 warps): at 8 or 16 warps ptxas spilled 4-24 bytes in the apply kernel
+    without shift and SiLU (Triton 3.9 at 8, 3.6 at 16), at 4 neither does
+    (benchmarks/results/kernel-resources-sm90-triton*-2026-12-02.md)."""
+    return min(16, max(4, lanes * block_hw // (per_thread * 32)))
 
 
 def _vector(name: str, t, channels: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -201,28 +204,36 @@ def group_norm(
         C.check_out(out, x)
         if out.stride() != x.stride():
             raise PidrtError(f"out must have x's layout (strides {x.stride()}), got {out.stride()}")
-    hw = height * width
     if out.numel() == 0:
         return out
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    for call in jit_calls(x, weight, bias, groups, eps, shift, silu, out, sms, block_hw, tiles):
+        call()
+    return out
 
+
+def jit_calls(x: torch.Tensor, weight, bias, groups: int, eps: float, shift, silu: bool, out: torch.Tensor,
+              sms: int, block_hw: int = 64, tiles: int | None = None) -> tuple[JitCall, JitCall]:
+    """The two launches `group_norm` makes on checked tensors (shift [B, C] or None), for `sms` SMs."""
+    bsz, channels, height, width = x.shape
+    hw = height * width
     cpg = channels // groups
     gp, cp = _group_block(cpg)
     block_hw = min(block_hw, max(16, TILE // (gp * cp)))  # only groups wider than 128 channels shrink it
     n_gblocks = triton.cdiv(groups, gp)
     chunks = triton.cdiv(hw, block_hw)
-    part = torch.empty(bsz, chunks, groups, 2, device=device, dtype=torch.float32)
-    sx = (x.stride(0), x.stride(1), x.stride(3))
-    ss = (0, 0) if shift is None else shift.stride()
-    common = dict(GP=gp, CP=cp, BLOCK_HW=block_hw, num_warps=num_warps(gp * cp, block_hw))
-    _group_norm_stats_kernel[(bsz, n_gblocks, chunks)](
-        x, shift, part, hw, cpg, groups, chunks, *sx, *ss, **common)
+    part = torch.empty(bsz, chunks, groups, 2, device=x.device, dtype=torch.float32)
+    sx = dict(zip(("sxb", "sxc", "sxhw"), (x.stride(0), x.stride(1), x.stride(3))))
+    ss = dict(zip(("sshb", "sshc"), (0, 0) if shift is None else shift.stride()))
+    common = dict(HW=hw, cpg=cpg, G=groups, S=chunks, **sx, **ss, GP=gp, CP=cp, BLOCK_HW=block_hw)
+    stats = JitCall(_group_norm_stats_kernel, (bsz, n_gblocks, chunks), dict(X=x, Shift=shift, Part=part, **common),
+                    num_warps(gp * cp, block_hw), 3)
     if tiles is None:
         # Enough programs for ~4 waves; more chunks per program amortise the partials' merge.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         tiles = max(1, chunks * bsz * n_gblocks // (4 * sms))
     tiles = max(1, min(int(tiles), chunks))
-    _group_norm_apply_kernel[(bsz, n_gblocks, triton.cdiv(chunks, tiles))](
-        x, shift, weight, bias, part, out, hw, cpg, groups, chunks, tiles, float(eps),
-        *sx, *ss, out.stride(0), out.stride(1), out.stride(3),
-        BLOCK_S=min(C.next_pow2(chunks), 32), SILU=bool(silu), **common)
-    return out
+    apply = JitCall(_group_norm_apply_kernel, (bsz, n_gblocks, triton.cdiv(chunks, tiles)),
+                    dict(X=x, Shift=shift, W=weight, Bias=bias, Part=part, Out=out, tiles=tiles, eps=float(eps),
+                         sob=out.stride(0), soc=out.stride(1), sohw=out.stride(3), BLOCK_S=min(C.next_pow2(chunks), 32),
+                         SILU=bool(silu), **common), num_warps(gp * cp, block_hw, per_thread=64), 3)
+    return stats, apply

@@ -25,20 +25,70 @@ from pidrt.runtime.schedulers import DDIM
 PLACEMENTS = ("resident", "streamed", "recompute")
 
 
+class CudaStreams:
+    """The CUDA calls of the streamed placement, in one place so a test can record their order."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+
+    def consumer(self):
+        """The stream the UNet call that reads a step's K/V will run on."""
+        return torch.cuda.current_stream(self.device)
+
+    def on_side(self):
+        return torch.cuda.stream(self.side)
+
+    def record_event(self):
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    @staticmethod
+    def pin(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory()
+
+    @staticmethod
+    def used_on(t: torch.Tensor, stream) -> None:
+        t.record_stream(stream)
+
+
 class CachedFeed:
-    """resident / streamed: per-step K/V from the identity artifact."""
+    """resident / streamed: per-step K/V from the identity artifact.
+
+    Streamed on CUDA, step i+1's K/V are allocated and copied on a side stream while step i
+    runs, and handed to the consumer (the current stream) behind an event. Two orderings keep
+    that safe with torch's caching allocator, which hands a freed block back to the stream that
+    allocated it as soon as Python drops the tensor, without knowing that another stream reads it:
+
+    1. The consumer waits for the copy: `wait_event` on the side stream's event, before the
+       payloads are handed out (the UNet call is enqueued after it).
+    2. The side stream must not overwrite a step's memory while the consumer may still read it.
+       Python frees step i's streamed tensors as soon as `payloads(i)` has enqueued their
+       stacking into the batch's payloads, and the GPU runs steps behind the host, so that
+       stacking may not have run yet; a later prefetch, which allocates on the side stream,
+       would get the very block back and copy another step into it first. `record_stream(consumer)`
+       on every handed-out tensor tells the allocator about the consumer: at the free it records
+       an event on the consumer stream and reuses the block only once that event has passed,
+       i.e. after every read enqueued by then. The side stream's allocations come only from its
+       own pool (the allocator pools blocks per stream), so the consumer's other memory never
+       reaches a prefetch, and the side stream need not wait for the consumer: the copy of step
+       i+1 still overlaps step i.
+    """
 
     rows = 0
 
     def __init__(self, layers: Sequence[LayerInfo], conditions: Sequence[EAACondition | None], device, dtype,
-                 streamed: bool):
+                 streamed: bool, streams: CudaStreams | None = None):
         self.layers, self.device, self.dtype = layers, torch.device(device), dtype
         self.streamed = streamed
-        self.stream = torch.cuda.Stream(self.device) if streamed and self.device.type == "cuda" else None
+        if streams is None and streamed and self.device.type == "cuda":
+            streams = CudaStreams(self.device)
+        self.streams = streams
         self.host = [None if c is None else c.steps for c in conditions]
-        if self.stream is not None:
-            self.host = [None if h is None else [{k: tuple(t.pin_memory() for t in kv) for k, kv in s.items()} for s in h]
-                         for h in self.host]
+        if streams is not None:
+            self.host = [None if h is None else [{k: tuple(streams.pin(t) for t in kv) for k, kv in s.items()}
+                                                 for s in h] for h in self.host]
         self.ready: dict[int, list] = {}
         if not streamed:
             self.resident = [None if h is None else [self._move(s) for s in h] for h in self.host]
@@ -51,22 +101,26 @@ class CachedFeed:
     def _prefetch(self, i: int) -> None:
         if i >= len(next(h for h in self.host if h is not None)):
             return
-        if self.stream is None:
+        if self.streams is None:
             self.ready[i] = [None if h is None else self._move(h[i]) for h in self.host]
             return
-        with torch.cuda.stream(self.stream):
+        with self.streams.on_side():
             moved = [None if h is None else self._move(h[i]) for h in self.host]
-            event = torch.cuda.Event()
-            event.record(self.stream)
+            event = self.streams.record_event()
         self.ready[i] = [moved, event]
 
     def payloads(self, i: int) -> dict[str, Payload]:
         if not self.streamed:
             return eaa_payloads(self.layers, [None if r is None else r[i] for r in self.resident])
         entry = self.ready.pop(i)
-        if self.stream is not None:
+        if self.streams is not None:
             moved, event = entry
-            torch.cuda.current_stream(self.device).wait_event(event)
+            consumer = self.streams.consumer()
+            consumer.wait_event(event)  # ordering 1 (class docstring)
+            for step in moved:
+                for kv in (step or {}).values():
+                    for t in kv:
+                        self.streams.used_on(t, consumer)  # ordering 2
         else:
             moved = entry
         self._prefetch(i + 1)  # overlaps with this step's UNet call on CUDA

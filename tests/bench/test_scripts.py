@@ -153,8 +153,6 @@ def test_bench_generation_smoke(tmp_path):
 @pytest.mark.slow
 def test_serve_load_smoke(tmp_path):
     """The served-path benchmark (gpu_session.sh served) end to end: a server process, the bare Generator."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
     out = tmp_path / "load"
     code = _bench("serve_load").main(["--backend", "torch", "--identities", "0", "--requests", "4",
                                        "--concurrency", "2", "--steps", "2", "--out", str(out)])
@@ -165,3 +163,39 @@ def test_serve_load_smoke(tmp_path):
     assert torch_run["served"]["images_per_s"] > 0 and torch_run["bare"]["images_per_s"] > 0
     assert torch_run["torch_bytes"] > 0 and torch_run["server_ready_s"] > 0
     assert "| torch |" in (out / "serve_load.md").read_text()
+def _session_dry_run(tmp_path, *args) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """gpu_session.sh with DRY_RUN=1: ([(stage, limit s)], {stage: the timeout command it would run})."""
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # python3: this venv's
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), *args], capture_output=True, text=True,
+                          env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stages = [(m[1], int(m[2])) for m in re.finditer(r"^=== (\S+) \(limit (\d+)s\)", done.stdout, re.MULTILINE)]
+    commands = dict(zip([s for s, _ in stages], re.findall(r"^timeout .*$", done.stdout, re.MULTILINE)))
+    return stages, commands
+
+
+def test_gpu_session_stages_fit_the_lease(tmp_path):
+    stages, commands = _session_dry_run(tmp_path)
+    assert [s for s, _ in stages] == ["env", "pytest-gpu", "kernels", "unet-step", "generation"]
+    assert sum(limit for _, limit in stages) < 560 and dict(stages)["env"] == 40
+    pytest_stage = commands["pytest-gpu"]
+    # SIGINT first: pytest then writes the JUnit report of what finished (SIGTERM leaves none).
+    assert pytest_stage.startswith("timeout --signal=INT -k 15 180 python3 -m pytest -m gpu")
+    assert "-rfE --durations=15" in pytest_stage and "--junitxml=" in pytest_stage
+    assert ("--timeout=100" in pytest_stage) == (importlib.util.find_spec("pytest_timeout") is not None)
+    root = BENCHMARKS.parent
+    named = [w for w in pytest_stage.split() if w.startswith("tests/")]
+    assert all((root / p).exists() for p in named) and "tests/runtime/test_eaa_feed.py" in named
+    assert named[-1] == "tests/engines/test_fast_torch.py"  # its SD1.5 test, the slowest, runs last
+    for name in ("kernels", "unet-step", "generation"):
+        assert commands[name].startswith("timeout --signal=TERM -k 5 ")
+        assert (root / commands[name].split()[6]).is_file()  # the benchmark script it runs
+    assert "tests/engines/test_fused_norms.py" in named  # with `-m "gpu or on_device"`: compiled kernel tests
+    for extra in ("tuning", "served"):
+        stages, _ = _session_dry_run(tmp_path, extra)
+        assert sum(limit for _, limit in stages) < 560, extra

@@ -71,6 +71,7 @@ def cdiv(first, second):
 class TensorDesc:
     def __init__(self, shape, dtype="HALF"):
         self.shape_expr = [ShapeExpr(s) for s in shape]
+        self.shape = tuple(s if isinstance(s, int) else -1 for s in shape)  # what autotune sees: -1 dynamic
         self.dtype = dtype
     def like(self):
         return TensorDesc([e.v for e in self.shape_expr], self.dtype)
@@ -119,8 +120,8 @@ def np_dtype(annotation):
     return typing.get_args(typing.get_args(annotation)[1])[0]
 
 def create_plugin_attr(annotation, data):
-    # tensorrt.plugin's create_plugin: arrays through astype, scalars through the annotation
-    # (int(a length-1 array): a TypeError on NumPy >= 2.4, as in TensorRT)
+    # tensorrt.plugin's create_plugin before 11.4: arrays through astype, scalars through the
+    # annotation (int(a length-1 array): a TypeError on NumPy >= 2.4; 11.4 takes data[0])
     dtype = np_dtype(annotation)
     return data.astype(dtype) if dtype is not None else annotation(data)
 
@@ -228,11 +229,11 @@ trt_plugins.register()
 trt_plugins.register()  # idempotent (TensorRT refuses a second definition)
 
 def parse(node):
-    # onnx-tensorrt's FallbackPluginImporter: the creator is (op_type, plugin_version or "1",
-    # plugin_namespace or ""), the node's domain only a fallback namespace; a field is made for
-    # each attribute the creator registered (an ONNX INT as a length-1 int32 array), others are
-    # dropped; aot != 0 asks for the AOT implementation. tensorrt.plugin's create_plugin then
-    # converts each field with its annotation.
+    # onnx-tensorrt's FallbackPluginImporter: the creator is looked up by exactly (op_type,
+    # plugin_version or "1", plugin_namespace or ""); the node's domain plays no part. A field is
+    # made for each attribute the creator registered (an ONNX INT as a length-1 int32 array),
+    # others are dropped; aot != 0 asks for the AOT implementation. tensorrt.plugin's
+    # create_plugin then converts each field with its annotation.
     import onnx
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -240,7 +241,7 @@ def parse(node):
     assert attrs.get("plugin_version", b"1").decode() == "1"  # tensorrt.plugin registers version "1"
     plugin_id = f"{namespace}::{node.op_type}"
     if plugin_id not in plugins:
-        plugin_id = f"{node.domain}::{node.op_type}"
+        raise KeyError(f"no plugin creator {node.op_type} version 1 in namespace {namespace!r}")
     plugin = plugins[plugin_id]
     fields = {n: np.array([attrs[n]], dtype=np.int32) for n in plugin["attrs"] if n in attrs}
     converted = {n: create_plugin_attr(plugin["attrs"][n], v) for n, v in fields.items()}
@@ -255,6 +256,10 @@ out = {"registered": sorted(plugins), "parsed": {k: [v[0], as_json(v[1]), v[2]] 
                                                   d("B", 32, 320), d("B", 320), d("B")], nodes["few_token"][1]),
        "dual_kv": build(nodes["dual_kv"][0], [d("B", "N", 640), d("B", 77, 640), d("B", 77, 640), d("B", "M", 640),
                                               d("B", "M", 640), d("B")], nodes["dual_kv"][1])}
+# Head dim 160: no fp32 tile of dual_kv fits 48 KiB of shared memory, so fp16 only.
+wide = [d("B", "N", 1280), d("B", 77, 1280), d("B", 77, 1280), d("B", "M", 1280), d("B", "M", 1280), d("B")]
+out["dual_kv_d160_types"] = [", ".join(c.io_types) for c in plugins["pidrt::dual_kv"]["autotune"](
+    *wide, nodes["dual_kv"][1]["heads"], None)]
 try:
     build("pidrt::few_token", [d("B", "N", 320), d("B", "N", "C"), d("B", 320, 32), d("B", 32, 320), d("B", 320),
                                d("B")], nodes["few_token"][1])
@@ -316,6 +321,7 @@ def test_aot_impls_translate_the_launch_plans(tmp_path):
     assert dual["extra"][:3] == ["(N*640)", 80, 640]  # q: batch, head and token strides over [B, N, H*d]
     assert dual["extra"][-5:] == [8, "N", 77, "M", 80]  # H, N, M1, M2, D
     assert "build-time constant" in r["dynamic_channels"]
+    assert dual["types"] == [", ".join(["FP32|FP16"] * 7)] and r["dual_kv_d160_types"] == [", ".join(["FP16"] * 7)]
 
 
 @pytest.mark.gpu

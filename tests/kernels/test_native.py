@@ -363,7 +363,7 @@ TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2}  # vs the fp32 reference, as t
 @pytest.fixture(scope="module")
 def gpu_native(tmp_path_factory) -> NativeKernels:
     """The library built for this GPU with every SD1.5 variant in fp16 and bf16: $PIDRT_NATIVE_LIB or build/
-    (benchmarks/gpu_session.sh builds it first) if it has them, else built here."""
+    if it has them, else built here (inside gpu_session.sh's pytest stage)."""
     from pidrt.kernels.catalog import variants
     from pidrt.kernels.native import library_path
     from pidrt.models.presets import SD15
