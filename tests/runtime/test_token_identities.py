@@ -9,11 +9,12 @@ from safetensors.torch import save_file
 
 from pidrt.errors import PidrtError
 from pidrt.identity.token_files import load_tokens
-from pidrt.models.adapters import SCAAdapter
+from pidrt.models.adapters import EAAAdapter, SCAAdapter
 from pidrt.models.branches import SCAIdentity
 from pidrt.models.presets import TINY
 from pidrt.models.tokens import TokenIdentity, TokenText
-from pidrt.runtime.conditioning import FewTokenCondition, ScaleSchedule
+from pidrt.runtime.conditioning import EAACondition, FewTokenCondition, ScaleSchedule
+from pidrt.runtime.inversion import eaa_features, invert_and_record
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.text_cache import TextEmbeddingCache
 
@@ -100,6 +101,26 @@ def test_tokens_compose_with_sca(tiny_pipe):
     both = run(tokens=ident, condition=cond, schedule=ScaleSchedule(1.0))
     assert (both[1] - tokens_only[1]).abs().max() > 1e-3
     assert (both[1] - run(condition=cond, schedule=ScaleSchedule(1.0))[1]).abs().max() > 1e-3
+
+
+def test_tokens_compose_with_eaa_in_every_placement(tiny_pipe):
+    """EAA's reference rows ride in front of the batch (recompute) and read their caption, not the tokens."""
+    steps = 3
+    adapter = EAAAdapter.random(tiny_pipe.layers, latent_size=8, n_levels=4, s_c=16, seed=2)
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    inv = invert_and_record(tiny_pipe, tiny_pipe.encode_image(pixels), "a face", steps)
+    cond = EAACondition(eaa_features(adapter, tiny_pipe, inv), inv.latent_t, "a face", adapter)
+    cross = [layer.name for layer in tiny_pipe.layers if layer.kind == "cross"]
+    two = sefi_identity(stages=2, bounds=(500,), seed=5)
+    per_layer = TokenIdentity("<me>", two.keys, two.values, "layers",
+                              layer_stages=tuple((n, int(n.startswith("up"))) for n in cross))
+    for ident in (two, per_layer):
+        specs = [ImageSpec("<me> smiling", 1, condition=cond, schedule=ScaleSchedule(0.8), tokens=ident),
+                 ImageSpec("a dog", 2)]
+        out = {placement: tiny_pipe.generate(SamplingConfig(steps=steps, guidance=5.0, height=64, width=64,
+                                                            eaa_placement=placement), specs).latents
+               for placement in ("resident", "recompute")}
+        assert (out["recompute"] - out["resident"]).abs().max() < 1e-4
 
 
 def test_layer_group_reading(tiny_pipe):
