@@ -7,8 +7,9 @@ cross layer ("layers" reading, then every row gets per-layer contexts).
 
 `plan_contexts` lists the texts to encode once per generation: the CFG negatives and prompts in
 the order the pipeline always used (so a batch without token identities encodes exactly as
-before; a token row's slot holds its first token text), then each other distinct token text. `ContextPlan.at(t, table)` turns the encoded table into a
-UNet call's `encoder_hidden_states` and the `BranchState.value_context` / `layer_contexts`.
+before; a token row's slot holds its first token text), then each other distinct token text.
+`ContextPlan.at(t, table)` turns the encoded table into a UNet call's `encoder_hidden_states`
+and the `BranchState.value_context` / `layer_contexts`.
 """
 
 from __future__ import annotations
