@@ -4,6 +4,7 @@ pidrt layout (`save_tokens`): tensors `keys` and `values` [stages, tokens, dim];
 metadata `pidrt_schema` "1", `kind` "tokens", `placeholder`, `reading` ("steps" | "layers"),
 `step_bounds` (JSON list of timesteps), `layer_stages` (JSON object: cross layer name -> stage),
 `base_model` (fingerprint of the base model it was trained for, "" unknown), `name`, `source`.
+`to_tensors` / `from_tensors` are that layout without the file (an identity-store payload).
 
 Published textual-inversion layouts, read as they are (one stage, K = V, every step):
 - diffusers `learned_embeds.safetensors` / `.bin`: one entry `{"<token>": [n, dim] or [dim]}`;
@@ -33,37 +34,40 @@ KIND = "tokens"
 PICKLES = (".pt", ".bin", ".pth")
 
 
-def save_tokens(path: Path | str, identity: TokenIdentity, source: str = "pidrt") -> None:
-    from safetensors.torch import save
-
+def to_tensors(identity: TokenIdentity) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The pidrt layout's tensors and metadata (a token file's, and an identity-store payload's)."""
     meta = {
-        "pidrt_schema": SCHEMA_VERSION, "kind": KIND, "placeholder": identity.placeholder,
-        "reading": identity.reading, "step_bounds": json.dumps(list(identity.step_bounds)),
-        "layer_stages": json.dumps(dict(identity.layer_stages)), "base_model": identity.base_model,
-        "name": identity.name, "source": source,
+        "placeholder": identity.placeholder, "reading": identity.reading,
+        "step_bounds": json.dumps(list(identity.step_bounds)), "layer_stages": json.dumps(dict(identity.layer_stages)),
+        "base_model": identity.base_model, "name": identity.name,
     }
     # Two tensors even when K = V: safetensors refuses shared storage, and one layout is simpler.
     tensors = {"keys": identity.keys.detach().to("cpu").contiguous().clone(),
                "values": identity.values.detach().to("cpu").contiguous().clone()}
-    atomic_write(Path(path), save(tensors, metadata=meta))
+    return tensors, meta
 
 
-def _pidrt_tokens(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TokenIdentity:
-    if meta.get("pidrt_schema") != SCHEMA_VERSION:
-        raise FormatError(f"{path}: schema {meta.get('pidrt_schema')!r} is not supported "
-                          f"(this pidrt reads {SCHEMA_VERSION})")
+def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], where: str) -> TokenIdentity:
+    """The inverse of `to_tensors`; errors name `where` (a file, a store entry)."""
     if set(tensors) != {"keys", "values"}:
-        raise FormatError(f"{path}: a pidrt token file holds tensors keys and values; got {sorted(tensors)}")
+        raise FormatError(f"{where}: a token identity holds tensors keys and values; got {sorted(tensors)}")
     try:
-        bounds = tuple(json.loads(meta.get("step_bounds", "[]")))
-        stages = tuple(json.loads(meta.get("layer_stages", "{}")).items())
         return TokenIdentity(
             placeholder=meta.get("placeholder", ""), keys=tensors["keys"].float(), values=tensors["values"].float(),
-            reading=meta.get("reading", "steps"), step_bounds=bounds, layer_stages=stages,
+            reading=meta.get("reading", "steps"), step_bounds=tuple(json.loads(meta.get("step_bounds", "[]"))),
+            layer_stages=tuple(json.loads(meta.get("layer_stages", "{}")).items()),
             base_model=meta.get("base_model", ""), name=meta.get("name", ""),
         )
-    except (ValueError, AttributeError) as exc:
-        raise FormatError(f"{path}: bad token metadata ({exc})") from None
+    except (ValueError, AttributeError, PidrtError) as exc:
+        raise FormatError(f"{where}: {exc}") from None
+
+
+def save_tokens(path: Path | str, identity: TokenIdentity, source: str = "pidrt") -> None:
+    from safetensors.torch import save
+
+    tensors, meta = to_tensors(identity)
+    meta |= {"pidrt_schema": SCHEMA_VERSION, "kind": KIND, "source": source}
+    atomic_write(Path(path), save(tensors, metadata=meta))
 
 
 def _one_tensor(path: Path, entries: dict, what: str) -> tuple[str, torch.Tensor]:
@@ -109,7 +113,10 @@ def load_tokens(path: Path | str, text_dim: int | None = None, placeholder: str 
     tensors, meta = _read_safetensors(path) if path.suffix == ".safetensors" else (None, {})
     try:
         if meta.get("kind") == KIND:
-            identity = _pidrt_tokens(path, tensors, meta)
+            if meta.get("pidrt_schema") != SCHEMA_VERSION:
+                raise FormatError(f"{path}: schema {meta.get('pidrt_schema')!r} is not supported "
+                                  f"(this pidrt reads {SCHEMA_VERSION})")
+            identity = from_tensors(tensors, meta, str(path))
         else:
             name, vectors, source = _textual_inversion(path, tensors)
             vectors = vectors.detach().float()
