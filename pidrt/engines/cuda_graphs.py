@@ -82,6 +82,10 @@ def method_signature(state: BranchState) -> tuple:
     """The payload structure of a state, hashable; raises NotGraphable when it cannot be captured."""
     if state.record is not None:
         raise NotGraphable("feature recording (state.record)")
+    if state.value_context is not None or state.layer_contexts is not None:
+        # The processor reads these from the state, not from a static slot: a replay would read
+        # the capture's tensors. Token identities run eagerly until the buckets hold them.
+        raise NotGraphable("token-identity contexts (state.value_context / layer_contexts)")
     layers = []
     for name in sorted(state.layers):
         head, tensors = _fields(state.layers[name])

@@ -1,7 +1,7 @@
 """Run the torch `Pipeline` with its UNet, text encoder and VAE calls going through runners.
 
-`Pipeline.generate` fills `self.state` (a `BranchState`: per-layer payloads and per-element
-scales) and then calls `self.unet(x, t, ctx)`; `RunnerPipeline` overrides that method (and
+`Pipeline.generate` fills `self.state` (a `BranchState`: per-layer payloads, per-element
+scales, token identities' V context) and then calls `self.unet(x, t, ctx)`; `RunnerPipeline` overrides that method (and
 `encode_text`, `decode`, `encode_image`) so every call is served by a runner while the torch
 code keeps doing what it owns: scheduling, CFG batching, building identity payloads.
 `state_feed` is the conversion from the state to the UNet graph's named inputs.
@@ -18,17 +18,26 @@ from collections.abc import Sequence
 import torch
 
 from pidrt.engines.runners import Runners
+from pidrt.errors import PidrtError
 from pidrt.export.inputs import unet_feed
 from pidrt.export.specs import ModelSpec
 from pidrt.models.attention import BranchState
 from pidrt.models.build import Models
+from pidrt.models.tokens import TextKey
 from pidrt.runtime.pipeline import Pipeline
 
 
 def state_feed(spec: ModelSpec, state: BranchState, sample: torch.Tensor, timestep, ctx: torch.Tensor
                ) -> dict[str, torch.Tensor]:
     """The UNet graph's named inputs for one call, from the pipeline's current `BranchState`."""
-    return unet_feed(spec, sample, timestep, ctx, state.scale, state.layers)
+    _check_contexts(state)
+    return unet_feed(spec, sample, timestep, ctx, state.scale, state.layers, state.value_context)
+
+
+def _check_contexts(state: BranchState) -> None:
+    if state.layer_contexts is not None:
+        raise PidrtError("token identities with the 'layers' reading (per-layer contexts) run on the torch "
+                         "backend only; exported graphs take one K and one V context (docs/token-identities.md)")
 
 
 class RunnerPipeline(Pipeline):
@@ -45,15 +54,28 @@ class RunnerPipeline(Pipeline):
         # so recording calls stay on the torch UNet.
         if self.runners.unet is None or self.state.record is not None:
             return super().unet(x, t, ctx)
+        _check_contexts(self.state)
         t = torch.as_tensor(t, device=self.device).expand(x.shape[0])
-        return self.runners.unet(x, t, ctx, self.state.scale, payloads=self.state.layers)
+        return self.runners.unet(x, t, ctx, self.state.scale, payloads=self.state.layers,
+                                 value_context=self.state.value_context)
 
     @torch.no_grad()
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        if self.runners.text_encoder is None:
+    def encode_text(self, prompts: Sequence[TextKey]) -> torch.Tensor:
+        # The text-encoder graph takes token ids, so token texts (learned vectors at a placeholder)
+        # are encoded by the torch text encoder; each text is encoded once per generation (or
+        # once per cache lifetime), not per step.
+        prompts = list(prompts)
+        plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        if self.runners.text_encoder is None or not plain:
             return super().encode_text(prompts)
-        ids = self.models.tokenizer(list(prompts)).to(self.device)
-        return self.runners.text_encoder(ids).to(self.dtype)
+        ids = self.models.tokenizer([prompts[i] for i in plain]).to(self.device)
+        out = self.runners.text_encoder(ids).to(self.dtype)
+        if len(plain) == len(prompts):
+            return out
+        tokens = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        rows = torch.empty(len(prompts), *out.shape[1:], dtype=out.dtype, device=out.device)
+        rows[plain], rows[tokens] = out, super().encode_text([prompts[i] for i in tokens]).to(out.device)
+        return rows
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,11 @@ class UNetRunner:
 
     def __call__(self, sample: torch.Tensor, timestep, ctx: torch.Tensor, scale: torch.Tensor | None = None,
                  identity: Mapping[str, torch.Tensor] | None = None,
-                 payloads: Mapping[str, Payload] | None = None) -> torch.Tensor:
-        """noise prediction; identity: named inputs (a_<i>, b_<i>, bias_<i> / k_<i>, v_<i>) or payloads."""
-        feed = unet_feed(self.spec, sample, timestep, ctx, scale, payloads)
+                 payloads: Mapping[str, Payload] | None = None,
+                 value_context: torch.Tensor | None = None) -> torch.Tensor:
+        """noise prediction; identity: named inputs (a_<i>, b_<i>, bias_<i> / k_<i>, v_<i>) or payloads;
+        value_context: cross-attention's V context when it is not ctx (token identities)."""
+        feed = unet_feed(self.spec, sample, timestep, ctx, scale, payloads, value_context)
         if identity:
             for name, t in identity.items():
                 feed[name] = t.to(feed["sample"].device, TORCH_DTYPES[self.spec.input(name).dtype])

@@ -128,6 +128,7 @@ def reference_output(models: Models, spec: ModelSpec, feed: dict, payloads=None,
             return module(*(f32[n] for n in spec.input_names)).float()
         state = branch_state(models.unet)
         state.layers, state.scale = (payloads or {}), scale
+        state.value_context = f32.get("value_context")
         try:
             return models.unet(f32["sample"], f32["timestep"], encoder_hidden_states=f32["encoder_hidden_states"]).sample
         finally:
@@ -140,8 +141,12 @@ def _feed_for(models: Models, spec: ModelSpec, h: int, w: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     sample = torch.randn(3, spec.input("sample").dims[1], h, w, generator=g)
     ctx = torch.randn(3, *spec.input("encoder_hidden_states").dims[1:], generator=g)
+    # Element 1 reads another V context (a token identity); 0 and 2 read ctx for both, as prompts do.
+    value_context = ctx.clone()
+    value_context[1] = torch.randn(ctx.shape[1:], generator=g)
     payloads, scale = random_identity_batch(models.unet, spec, h, w, seed)
-    feed = unet_feed(spec, sample, torch.tensor([999.0, 500.0, 20.0]), ctx, scale, payloads)
+    feed = unet_feed(spec, sample, torch.tensor([999.0, 500.0, 20.0]), ctx, scale, payloads,
+                     value_context if "value_context" in spec.input_names else None)
     return feed, payloads, scale
 
 

@@ -47,8 +47,13 @@ def _check_payload(spec: ModelSpec, name: str, p: Payload) -> None:
 
 
 def unet_feed(spec: ModelSpec, sample: torch.Tensor, timestep, ctx: torch.Tensor,
-              scale: torch.Tensor | None = None, payloads: Mapping[str, Payload] | None = None) -> dict[str, torch.Tensor]:
-    """All named inputs of a UNet graph; layers without a payload get zeros (exactly no branch)."""
+              scale: torch.Tensor | None = None, payloads: Mapping[str, Payload] | None = None,
+              value_context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """All named inputs of a UNet graph; layers without a payload get zeros (exactly no branch).
+
+    ctx is the K context of cross-attention, value_context its V context (None: ctx, as for
+    ordinary prompts).
+    """
     batch, device = sample.shape[0], sample.device
     dtype = TORCH_DTYPES[spec.dtype]
     payloads = dict(payloads or {})
@@ -57,6 +62,12 @@ def unet_feed(spec: ModelSpec, sample: torch.Tensor, timestep, ctx: torch.Tensor
         "timestep": torch.as_tensor(timestep, device=device).to(torch.float32).reshape(-1).expand(batch).contiguous(),
         "encoder_hidden_states": ctx.to(device, dtype),
     }
+    if "value_context" in spec.input_names:
+        v = feed["encoder_hidden_states"] if value_context is None else value_context.to(device, dtype)
+        feed["value_context"] = v
+    elif value_context is not None and value_context is not ctx:
+        raise PidrtError(f"{spec.name} was exported before graphs took a V context (token identities); "
+                         "export it again")
     active = scale is not None and bool(torch.count_nonzero(scale))
     if spec.method == "none":
         if payloads and active:
@@ -100,7 +111,8 @@ def example_feed(spec: ModelSpec, batch: int, height: int, width: int, seed: int
             t = torch.linspace(1.0, 0.0, shape[0])
         else:
             # Small identity tensors keep softmax scores in fp16 range when tracing in half.
-            t = torch.randn(shape, generator=g) * (0.1 if name[0] in "abkv" and "_" in name else 1.0)
+            identity = name[0] in "abkv" and "_" in name and name != "value_context"
+            t = torch.randn(shape, generator=g) * (0.1 if identity else 1.0)
         out[name] = t.to(device=device, dtype=dtype)
     return out
 

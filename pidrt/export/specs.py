@@ -198,6 +198,9 @@ def unet_spec(preset: Preset, layers: Sequence[LayerInfo], method: str = "none",
         # float32 whatever the graph dtype: timesteps up to 999 must stay exact.
         TensorSpec("timestep", "float32", ("batch",)),
         TensorSpec("encoder_hidden_states", dtype, ("batch", preset.text.max_position_embeddings, u.cross_attention_dim)),
+        # What cross-attention's to_v reads (token identities); the same tensor as
+        # encoder_hidden_states for ordinary prompts, so one graph serves both.
+        TensorSpec("value_context", dtype, ("batch", preset.text.max_position_embeddings, u.cross_attention_dim)),
     ]
     chosen: list[LayerInfo] = []
     if method in ("sca", "ip"):

@@ -52,6 +52,7 @@ class UNetGraph(nn.Module):
         state.explicit_attention, state.fused = self.explicit_attention, _plugin_nodes() if self.spec.plugins else None
         state.layers = self.payloads(feed)
         state.scale = feed.get("scale")
+        state.value_context = feed.get("value_context")  # absent in graphs exported before it existed
         try:
             return self.unet(feed["sample"], feed["timestep"], encoder_hidden_states=feed["encoder_hidden_states"],
                              return_dict=False)[0]

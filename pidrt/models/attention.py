@@ -8,6 +8,10 @@ serves every identity and method, and one batch may mix identities and strengths
 
 With no payload, or a scale of 0, a layer computes exactly what diffusers' `AttnProcessor2_0`
 computes, op for op, so the base UNet's output is reproduced bit for bit.
+
+Cross-attention reads a K context (for `to_k`) and a V context (for `to_v`): the UNet's
+`encoder_hidden_states` for both unless the state gives a V context or per-layer contexts (token
+identities, docs/token-identities.md). With equal contexts it is exactly the plain layer.
 """
 
 from __future__ import annotations
@@ -120,6 +124,19 @@ class FusedOps(Protocol):
 
 
 @dataclass
+class LayerContexts:
+    """Per-layer K and V contexts (the layer-group reading of token identities, P+).
+
+    table: [T, L, D] encoded texts; keys / values: cross layer name -> [B] rows of `table` that the
+    layer's `to_k` / `to_v` read for each batch element. Layers not named read the usual contexts.
+    """
+
+    table: torch.Tensor
+    keys: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+
+
+@dataclass
 class BranchState:
     """What the processors read on a UNet call; the pipeline (or an export wrapper) fills it.
 
@@ -129,6 +146,9 @@ class BranchState:
     explicit_attention: MatMul-Softmax-MatMul instead of SDPA (the ONNX pattern TensorRT fuses).
     fused: run folded branches and EAA through these fused ops (Triton kernels, or plugin nodes
     in an export) instead of the reference torch code; None: the reference.
+    value_context: [B, L, D] what every cross layer's `to_v` reads (token identities); None: the
+    K context (`encoder_hidden_states`), as in the plain UNet.
+    layer_contexts: per-layer K and V contexts; on the layers it names they replace both.
     """
 
     scale: torch.Tensor | None = None
@@ -136,10 +156,21 @@ class BranchState:
     record: dict[str, list[torch.Tensor]] | None = None
     explicit_attention: bool = False
     fused: FusedOps | None = None
+    value_context: torch.Tensor | None = None
+    layer_contexts: LayerContexts | None = None
 
     def clear(self) -> None:
         self.scale = None
         self.layers = {}
+        self.value_context = None
+        self.layer_contexts = None
+
+    def cross_contexts(self, layer: str, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K context, V context) of cross layer `layer`, given the UNet's `encoder_hidden_states`."""
+        lc = self.layer_contexts
+        if lc is not None and layer in lc.keys:
+            return lc.table[lc.keys[layer]], lc.table[lc.values[layer]]
+        return context, context if self.value_context is None else self.value_context
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -176,9 +207,11 @@ class IdentityAttnProcessor:
         x = hidden_states
         if state.record is not None:
             state.record.setdefault(self.layer.name, []).append(x.detach())
-        ctx = x if encoder_hidden_states is None else encoder_hidden_states
+        ctx = v_ctx = x if encoder_hidden_states is None else encoder_hidden_states
+        if self.layer.kind == "cross":
+            ctx, v_ctx = state.cross_contexts(self.layer.name, ctx)
         heads = attn.heads
-        query, key, value = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+        query, key, value = attn.to_q(x), attn.to_k(ctx), attn.to_v(v_ctx)
         payload = state.layers.get(self.layer.name) if state.scale is not None else None
         if isinstance(payload, EAARows):
             payload = payload.to_kv(x)

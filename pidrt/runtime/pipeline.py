@@ -20,7 +20,9 @@ from pidrt.models.attention import FoldedLayer, attention_layers, branch_state
 from pidrt.models.branches import few_token_payloads
 from pidrt.models.build import Models
 from pidrt.models.folded import stack_folded
+from pidrt.models.tokens import TextKey, TokenIdentity, encode_texts
 from pidrt.runtime.conditioning import Condition, FewTokenCondition, FoldedCondition, ScaleSchedule
+from pidrt.runtime.contexts import plan_contexts
 from pidrt.runtime.eaa_feed import make_feed
 from pidrt.runtime.schedulers import make_scheduler
 
@@ -52,6 +54,7 @@ class ImageSpec:
     negative_prompt: str = ""
     condition: Condition | None = None
     schedule: ScaleSchedule = field(default_factory=ScaleSchedule)
+    tokens: TokenIdentity | None = None  # its placeholder must be in `prompt` (docs/token-identities.md)
 
 
 @dataclass
@@ -77,9 +80,9 @@ class Pipeline:
         self.state = branch_state(models.unet)
 
     @torch.no_grad()
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.models.tokenizer(list(prompts)).to(self.device)
-        return self.models.text_encoder(ids).last_hidden_state.to(self.dtype)
+    def encode_text(self, prompts: Sequence[TextKey]) -> torch.Tensor:
+        """Ordinary prompts and token texts (a placeholder standing for learned vectors)."""
+        return encode_texts(self.models.text_encoder, self.models.tokenizer, prompts, self.device).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -112,8 +115,10 @@ class Pipeline:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         cfg = config.guidance != 1.0
-        prompts = [s.prompt for s in specs]
-        ctx = (encode or self.encode_text)(([s.negative_prompt for s in specs] if cfg else []) + prompts)
+        plan = plan_contexts([s.prompt for s in specs], [s.negative_prompt for s in specs] if cfg else None,
+                             [s.tokens for s in specs], [layer.name for layer in self.layers if layer.kind == "cross"],
+                             self.models.preset.text.hidden_size)
+        table = (encode or self.encode_text)(plan.texts)
         timings["text_encode_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -126,7 +131,6 @@ class Pipeline:
         fixed = self._few_token_payloads(conditions, halves, config.folded)
         feed = make_feed(self, conditions, config.steps, config.eaa_placement, config.scheduler)
         rows = feed.rows if feed is not None else 0
-        ctx_in = ctx if not rows else torch.cat([feed.ctx, ctx])
         schedules = [s.schedule for s in specs] * (2 if cfg else 1)
         # One host-to-device copy for the whole loop: a per-step copy would stall a GPU's queue.
         scales = torch.tensor(
@@ -137,6 +141,8 @@ class Pipeline:
             for i, t in enumerate(sched.timesteps):
                 self.state.layers = fixed if feed is None else feed.payloads(i)
                 self.state.scale = scales[i]
+                ctx_in, self.state.value_context, self.state.layer_contexts = plan.at(
+                    int(t), table, feed.ctx if rows else None)
                 x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, i)
                 eps = self.unet(torch.cat([feed.x, x_in]) if rows else x_in, t, ctx_in)
                 if rows:

@@ -153,6 +153,10 @@ def test_bucket_key_is_the_structure_not_the_values():
         key(recording)
     with pytest.raises(NotGraphable, match="EAARows"):
         key(state_with({"l1": EAARows([[0], [0]], {})}))
+    tokens = state_with({})
+    tokens.value_context = torch.zeros(2, 77, 8)  # read from the state, not a static slot: eager
+    with pytest.raises(NotGraphable, match="token-identity contexts"):
+        key(tokens)
 
 
 # ---------------------------------------------------------------- static buffers, fake graph

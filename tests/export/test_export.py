@@ -43,7 +43,8 @@ def check_ops(entry) -> onnx.ModelProto:
 @pytest.mark.parametrize("method", ["none", "sca", pytest.param("ip", marks=pytest.mark.slow),
                                     pytest.param("eaa", marks=pytest.mark.slow)])
 def test_unet_matches_torch_on_mixed_identity_batch(models, graphs, method):
-    """[identity 1, identity 2, no identity at scale 0] at latent 8x8 and 16x16 (both in the profile)."""
+    """[identity 1, identity 2, no identity at scale 0] at latent 8x8 and 16x16 (both in the profile);
+    element 1 also reads its own V context (a token identity), the others K = V (ordinary prompts)."""
     entry = find_graph(tiny_export(method), "unet", method, "float32")
     model = check_ops(entry)
     # The broadcast zero score-bias Adds of the folded branches are gone after cleanup
@@ -55,11 +56,16 @@ def test_unet_matches_torch_on_mixed_identity_batch(models, graphs, method):
     for side in (8, 16):
         g = torch.Generator().manual_seed(side)
         sample, ctx = torch.randn(3, 4, side, side, generator=g), torch.randn(3, 77, 32, generator=g)
+        value_context = ctx.clone()
+        value_context[1] = torch.randn(77, 32, generator=g)
         payloads, scale = random_identity_batch(models.unet, entry.spec, side, side, seed=side)
-        feed = unet_feed(entry.spec, sample, torch.tensor([999.0, 500.0, 20.0]), ctx, scale, payloads)
+        feed = unet_feed(entry.spec, sample, torch.tensor([999.0, 500.0, 20.0]), ctx, scale, payloads, value_context)
         got = runner.run(feed)["noise_pred"]
         ref = reference_output(models, entry.spec, feed, payloads, scale)
         assert (got - ref).abs().max() < 1e-4
+        same_v = runner.run(unet_feed(entry.spec, sample, feed["timestep"], ctx, scale, payloads))["noise_pred"]
+        assert (got[1] - same_v[1]).abs().max() > 1e-3  # the V context does act
+        assert (got[[0, 2]] - same_v[[0, 2]]).abs().max() < 1e-5
         if method != "none":
             base = reference_output(models, entry.spec, feed)  # no payloads at all
             assert (got[2] - base[2]).abs().max() < 1e-4  # scale 0: the plain UNet

@@ -38,10 +38,11 @@ def layers(unet):
 @pytest.mark.parametrize("method,n_identity", [("none", 0), ("sca", 3 * 16), ("ip", 3 * 16), ("eaa", 2 * 32)])
 def test_unet_inputs_per_method(layers, method, n_identity):
     spec = unet_spec(TINY, layers, method)
-    base = ["sample", "timestep", "encoder_hidden_states"] + (["scale"] if method != "none" else [])
+    base = ["sample", "timestep", "encoder_hidden_states", "value_context"] + (["scale"] if method != "none" else [])
     assert spec.input_names[: len(base)] == base
     assert len(spec.inputs) == len(base) + n_identity
     assert spec.input("timestep").dtype == "float32"
+    assert spec.input("value_context").dims == spec.input("encoder_hidden_states").dims == ("batch", 77, 32)
     if method in ("sca", "ip"):
         # a_<i> named by the layer's processor index: attn2 layers are the odd ones.
         assert spec.input("a_1").dims == ("batch", 32, 8 * 4) and spec.input("b_1").dims == ("batch", 32, 32)
