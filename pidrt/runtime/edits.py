@@ -123,51 +123,54 @@ class EditPlan:
 
     def __init__(self, pipe, sched, edits: Sequence[Edit | None], noise: torch.Tensor):
         batch, _, h, w = noise.shape
-        scale_f = pipe.models.preset.latent_scale
-        self.inpainting_unet = is_inpainting_unet(pipe)
+        f = pipe.models.preset.latent_scale
         for n, e in enumerate(edits):
-            if e is not None and tuple(e.image.shape[-2:]) != (h * scale_f, w * scale_f):
+            if e is not None and tuple(e.image.shape[-2:]) != (h * f, w * f):
                 raise PidrtError(f"image {n}: the init image is {e.image.shape[-1]}x{e.image.shape[-2]} but the "
-                                 f"generation is {w * scale_f}x{h * scale_f}")
+                                 f"generation is {w * f}x{h * f}")
+        self.inpainting_unet = is_inpainting_unet(pipe)
         self.starts = [0 if e is None else start_step(sched.steps, e.strength) for e in edits]
         self.first = min(self.starts)
+        self.noise, self.x = noise, noise
+        self.blend = False
+        self._held: dict[int, torch.Tensor] = {}
+        self._joining: dict[int, torch.Tensor] = {}
         device, dtype = noise.device, noise.dtype
-        rows = lambda pred: [n for n, e in enumerate(edits) if e is not None and pred(n, e)]  # noqa: E731
-        need_x0 = rows(lambda n, e: self.starts[n] > 0 or (e.mask is not None and not self.inpainting_unet))
-        masked = rows(lambda n, e: e.mask is not None)
-        pixels = [edits[n].image for n in need_x0]
-        if self.inpainting_unet:  # the repaint region at mid-grey (0 in [-1, 1])
+        masked = [n for n, e in enumerate(edits) if e is not None and e.mask is not None]
+        # The image's latent is where a strength < 1 starts and what latent blending keeps.
+        with_x0 = [n for n, e in enumerate(edits) if e is not None
+                   and (self.starts[n] > 0 or (n in masked and not self.inpainting_unet))]
+        pixels = [edits[n].image for n in with_x0]
+        if self.inpainting_unet:  # the masked images: the repaint region at mid-grey (0 in [-1, 1])
             pixels += [edits[n].image * (1 - edits[n].repaint) + 0.5 * edits[n].repaint for n in masked]
         latents = pipe.encode_image(torch.stack([p.float() for p in pixels])).to(device, dtype) if pixels else None
 
-        self.noise = noise
-        self.x0 = torch.zeros_like(noise)
-        for k, n in enumerate(need_x0):
-            self.x0[n] = latents[k]
-        self.mask = torch.ones(batch, 1, h, w, device=device, dtype=dtype)
+        self.mask = torch.ones(batch, 1, h, w, device=device, dtype=dtype)  # 1: repaint
         for n in masked:
             self.mask[n] = latent_mask(edits[n].repaint, (h, w)).to(device, dtype)
         if self.inpainting_unet:
             self.neutral = repaint_everything(pipe, 1, h, w).to(device, dtype)
             self.extra = self.neutral.expand(batch, -1, -1, -1).clone()
             for k, n in enumerate(masked):
-                self.extra[n] = torch.cat([self.mask[n], latents[len(need_x0) + k]])
-        self.blend = bool(masked) and not self.inpainting_unet
-
-        config = pipe.models.preset.scheduler
-        ts = sched.timesteps
-        self.x = noise.clone()
-        late = [n for n in need_x0 if self.starts[n] > 0]
-        if late:
-            t = ts[[self.starts[n] for n in late]]
-            self.x[late] = add_noise(config, self.x0[late], noise[late], t.to(device))
-        # Blending: known(i) = sqrt(a) x0 + sqrt(1 - a) noise at the timestep after step i, as
-        # diffusers' add_noise in float32; Python floats, so no host/device copy per step.
-        a = alphas_cumprod(config)[ts]
-        self._sa, self._sb = (a ** 0.5).tolist(), ((1 - a) ** 0.5).tolist()
-        starts = torch.tensor(self.starts, device=device)
-        self._held = {i: (starts > i).reshape(-1, 1, 1, 1) for i in range(max(self.starts))}
-        self._joining = {i: starts == i for i in set(self.starts) if i > 0}
+                self.extra[n] = torch.cat([self.mask[n], latents[len(with_x0) + k]])
+        if with_x0:
+            self.x0 = torch.zeros_like(noise)
+            self.x0[with_x0] = latents[:len(with_x0)]
+            late = [n for n in with_x0 if self.starts[n] > 0]
+            if late:
+                config, t = pipe.models.preset.scheduler, sched.timesteps[[self.starts[n] for n in late]]
+                self.x = noise.clone()
+                self.x[late] = add_noise(config, self.x0[late], noise[late], t.to(device))
+        if masked and not self.inpainting_unet:
+            self.blend = True
+            # known(i) = sqrt(a) x0 + sqrt(1 - a) noise at the timestep after step i, as diffusers'
+            # add_noise in float32; Python floats, so no host/device copy per step.
+            a = alphas_cumprod(pipe.models.preset.scheduler)[sched.timesteps]
+            self._sa, self._sb = (a ** 0.5).tolist(), ((1 - a) ** 0.5).tolist()
+        if max(self.starts) > 0:
+            starts = torch.tensor(self.starts, device=device)
+            self._held = {i: (starts > i).reshape(-1, 1, 1, 1) for i in range(max(self.starts))}
+            self._joining = {i: starts == i for i in set(self.starts) if i > 0}
 
     def unet_channels(self, rows: int, cfg: bool) -> torch.Tensor | None:
         """What the UNet reads besides x for each row of its batch ([reference rows] + [negative
