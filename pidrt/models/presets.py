@@ -155,7 +155,8 @@ INPAINTING_SUFFIX = "-inpainting"
 
 def inpainting(preset: Preset) -> Preset:
     """`preset`'s inpainting twin: the same models except the UNet's 9 input channels."""
-    return replace(preset, name=preset.family + INPAINTING_SUFFIX, unet=replace(preset.unet, in_channels=INPAINTING_CHANNELS))
+    unet = replace(preset.unet, in_channels=INPAINTING_CHANNELS)
+    return replace(preset, name=preset.family + INPAINTING_SUFFIX, unet=unet)
 
 
 SD15_INPAINTING = inpainting(SD15)

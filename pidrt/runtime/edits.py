@@ -62,7 +62,8 @@ class Edit:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 < s <= 1:
             raise PidrtError(f"strength must be a number in (0, 1]; got {s!r}")
         image = self.image
-        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        if (not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3
+                or not image.is_floating_point()):
             raise PidrtError(f"an init image must be a float tensor [3, H, W] in [0, 1]; got "
                              f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
         if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:

@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pidrt.errors import FormatError  # noqa: E402
 from pidrt.models.build import build_random  # noqa: E402
 from pidrt.models.loading import LDM_CONV_IN, load_models  # noqa: E402
-from pidrt.models.presets import SD15, SD15_INPAINTING, TINY, TINY_INPAINTING, for_unet_channels, get_preset  # noqa: E402
+from pidrt.models.presets import (  # noqa: E402
+    SD15, SD15_INPAINTING, TINY, TINY_INPAINTING, for_unet_channels, get_preset,
+)
 
 try:
     from .ldm_layout import to_ldm  # noqa: E402
@@ -40,7 +42,8 @@ def test_published_config():
     """runwayml/stable-diffusion-inpainting's unet/config.json: SD1.5's with in_channels 9."""
     assert SD15_INPAINTING.unet.in_channels == 9 and SD15_INPAINTING.unet.out_channels == 4
     assert SD15_INPAINTING.unet.diffusers_kwargs() == {**SD15.unet.diffusers_kwargs(), "in_channels": 9}
-    assert (SD15_INPAINTING.text, SD15_INPAINTING.vae, SD15_INPAINTING.scheduler) == (SD15.text, SD15.vae, SD15.scheduler)
+    same = ("text", "vae", "scheduler", "resolution")
+    assert all(getattr(SD15_INPAINTING, k) == getattr(SD15, k) for k in same)
     assert get_preset("tiny-inpainting") is TINY_INPAINTING and TINY_INPAINTING.family == "tiny"
     assert for_unet_channels(SD15, 9) == SD15_INPAINTING and for_unet_channels(SD15_INPAINTING, 4) is SD15
     assert for_unet_channels(TINY, 7) is TINY  # no such variant: the config check reports it

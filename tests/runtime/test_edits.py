@@ -100,7 +100,8 @@ def assert_steps_match(ours: list[torch.Tensor], theirs: list[torch.Tensor], tol
 # ----------------------------------------------------------------------------------- strength
 
 
-@pytest.mark.parametrize("steps,strength", [(4, 0.5), (10, 0.3), (10, 0.29), (50, 0.8), (7, 1.0), (3, 0.34), (50, 0.02)])
+@pytest.mark.parametrize("steps,strength",
+                         [(4, 0.5), (10, 0.3), (10, 0.29), (50, 0.8), (7, 1.0), (3, 0.34), (50, 0.02)])
 def test_start_step_is_diffusers_rule(tiny_pipe, steps, strength):
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
@@ -129,10 +130,12 @@ def test_strength_one_equals_generation(tiny_pipe, config):
     assert torch.equal(plain.latents, edited.latents)
 
 
-@pytest.mark.parametrize("config,strength", [(CFG, 0.5), (CFG, 0.8), (DPM, 0.6)], ids=["ddim-0.5", "ddim-0.8", "dpm-0.6"])
+@pytest.mark.parametrize("config,strength", [(CFG, 0.5), (CFG, 0.8), (DPM, 0.6)],
+                         ids=["ddim-0.5", "ddim-0.8", "dpm-0.6"])
 def test_img2img_matches_diffusers_step_for_step(tiny_pipe, recorded, config, strength):
     images = [image(1), image(2)]
-    specs = [ImageSpec("a face", 5, edit=Edit(images[0], strength)), ImageSpec("a cat", 6, edit=Edit(images[1], strength))]
+    specs = [ImageSpec("a face", 5, edit=Edit(images[0], strength)),
+             ImageSpec("a cat", 6, edit=Edit(images[1], strength))]
     ours = tiny_pipe.generate(config, specs)
     theirs = diffusers_run(tiny_pipe, "img2img", config, specs, image=x0_of(tiny_pipe, images), strength=strength)
     assert len(recorded) == config.steps - start_step(config.steps, strength)  # the skipped steps cost nothing
