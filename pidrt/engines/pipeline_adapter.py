@@ -7,6 +7,8 @@ code keeps doing what it owns: scheduling, CFG batching, building identity paylo
 `state_feed` is the conversion from the state to the UNet graph's named inputs.
 
 The hook this relies on is that `generate` only reaches the models through those four methods.
+Edits (img2img, inpainting: pidrt.runtime.edits) keep to it: their images are encoded through
+`encode_image`, and an inpainting UNet's mask and masked-image channels are part of the sample.
 A leaner deployment (no torch UNet in memory) needs the payload builders to read only the attn2
 projections they use; see docs/engines.md.
 """

@@ -57,7 +57,7 @@ class Profile:
 
 def default_profiles(preset: Preset) -> tuple[Profile, ...]:
     """Batch counts CFG's two halves. tiny: 64-128 px; sd15: 256-768 px, 512 px optimal."""
-    if preset.name == "tiny":
+    if preset.family == "tiny":
         return (Profile((1, 2, 4), (8, 8, 16), (8, 8, 16)),)
     side = preset.resolution // preset.latent_scale
     return (Profile((1, 2, 8), (side // 2, side, side * 3 // 2), (side // 2, side, side * 3 // 2)),)
@@ -192,7 +192,7 @@ def unet_spec(preset: Preset, layers: Sequence[LayerInfo], method: str = "none",
     plugins = plugins and method != "none"
     u = preset.unet
     levels = len(u.block_out_channels)
-    eaa_cross_tokens = eaa_cross_tokens or (16 if preset.name == "tiny" else 256)
+    eaa_cross_tokens = eaa_cross_tokens or (16 if preset.family == "tiny" else 256)
     inputs = [
         TensorSpec("sample", dtype, ("batch", u.in_channels, "height", "width")),
         # float32 whatever the graph dtype: timesteps up to 999 must stay exact.

@@ -25,8 +25,9 @@ def _root() -> Path:
 
 
 def tiny_export(method: str = "none", fp16: bool = False, kinds: tuple[str, ...] = ("unet",),
-                seed: int = 0) -> Path:
-    """The folder holding the tiny `kinds` graphs (UNets of every method requested so far)."""
-    out = _root() / f"seed{seed}-{'fp16' if fp16 else 'fp32'}"
-    export_models("tiny", method, out, fp16, ExportOptions(kinds=kinds, seed=seed))
+                seed: int = 0, preset: str = "tiny") -> Path:
+    """The folder holding the tiny `kinds` graphs (UNets of every method requested so far);
+    preset "tiny-inpainting" for the 9-channel UNet."""
+    out = _root() / f"{preset}-seed{seed}-{'fp16' if fp16 else 'fp32'}"
+    export_models(preset, method, out, fp16, ExportOptions(kinds=kinds, seed=seed))
     return out

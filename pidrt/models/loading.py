@@ -7,6 +7,10 @@ Two layouts are accepted (see docs/loading.md):
 * one `.safetensors` file in the original LDM/CompVis key layout, converted with diffusers'
   single-file converters, using the preset (never a hub config) as the architecture.
 
+An inpainting UNet (9 input channels) in either layout is recognised by its conv_in (folder:
+`in_channels` in unet/config.json; single file: `model.diffusion_model.input_blocks.0.0.weight`
+is [320, 9, 3, 3]) and loaded as the preset's inpainting twin (`sd15` -> `sd15-inpainting`).
+
 Every problem a user can cause is a `FormatError` naming the file and what was expected, because a
 silently half-loaded model (random-initialised missing weights) produces plausible-looking noise.
 """
@@ -25,7 +29,7 @@ import torch
 
 from pidrt.errors import FormatError, PidrtError
 from pidrt.models.build import Models, build_text_encoder
-from pidrt.models.presets import SD15, Preset, TextConfig
+from pidrt.models.presets import SD15, Preset, TextConfig, for_unet_channels
 from pidrt.models.tokenizer import ClipTokenizer, HashTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ TEXT_ARCH_FIELDS = (
     "max_position_embeddings", "hidden_act", "layer_norm_eps",
 )
 LDM_UNET, LDM_VAE, LDM_CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+LDM_CONV_IN = LDM_UNET + "input_blocks.0.0.weight"  # [C, in_channels, 3, 3]
 MAX_LISTED = 10
 
 
@@ -87,6 +92,9 @@ def _load_folder(root: Path, preset: Preset, tok: Tokenizer | None, dtype: torch
             raise FormatError(
                 f"{root}: missing subfolder {sub}/; a diffusers SD1.5 folder has {', '.join(s + '/' for s in SUBFOLDERS)}"
             )
+    in_channels = _read_config(root / "unet").get("in_channels", 4)
+    if isinstance(in_channels, int):
+        preset = for_unet_channels(preset, in_channels)
     # Configs are checked before any weights are read: a mismatch is reported by field, not as a
     # wall of shape errors, and loading a wrong model would waste time and memory.
     _check_diffusers_config(root / "unet", UNet2DConditionModel, preset.unet.diffusers_kwargs(), preset.name)
@@ -214,6 +222,9 @@ def _load_single_file(path: Path, preset: Preset, tok: Tokenizer | None) -> Mode
             f"{path}: not an LDM/CompVis SD checkpoint: no '{LDM_UNET}*' keys (top-level prefixes: {prefixes}); "
             "a diffusers model must be given as its folder"
         )
+    conv_in = state.get(LDM_CONV_IN)
+    if conv_in is not None and conv_in.ndim == 4:
+        preset = for_unet_channels(preset, conv_in.shape[1])
     unet, text_encoder, vae = _convert(path, state, preset)
     if tok is None and (path.parent / "tokenizer").is_dir():
         tok = ClipTokenizer(path.parent / "tokenizer", preset.text.max_position_embeddings)

@@ -8,7 +8,7 @@ the whole pipeline runs on 2 CPU cores in seconds.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from pidrt.errors import PidrtError
 
@@ -113,6 +113,11 @@ class Preset:
     def latent_scale(self) -> int:
         return 2 ** (len(self.vae.block_out_channels) - 1)
 
+    @property
+    def family(self) -> str:
+        """The base preset's name ("sd15" for "sd15-inpainting"): sizes a variant shares with it."""
+        return self.name.removesuffix(INPAINTING_SUFFIX)
+
 
 SD15 = Preset(name="sd15", unet=UNetConfig(), text=TextConfig(), vae=VAEConfig(), resolution=512)
 
@@ -140,7 +145,24 @@ TINY = Preset(
     resolution=64,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (SD15, TINY)}
+# An SD1.5 inpainting UNet (runwayml/stable-diffusion-inpainting) is SD1.5's with 9 input channels:
+# the noisy latent, the mask and the masked image's latent, concatenated in that order (diffusers'
+# StableDiffusionInpaintPipeline). Its published unet/config.json differs from SD1.5's in
+# in_channels only, and the text encoder, VAE and scheduler configs are SD1.5's.
+INPAINTING_CHANNELS = 9
+INPAINTING_SUFFIX = "-inpainting"
+
+
+def inpainting(preset: Preset) -> Preset:
+    """`preset`'s inpainting twin: the same models except the UNet's 9 input channels."""
+    unet = replace(preset.unet, in_channels=INPAINTING_CHANNELS)
+    return replace(preset, name=preset.family + INPAINTING_SUFFIX, unet=unet)
+
+
+SD15_INPAINTING = inpainting(SD15)
+TINY_INPAINTING = inpainting(TINY)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (SD15, TINY, SD15_INPAINTING, TINY_INPAINTING)}
 
 
 def get_preset(name: str) -> Preset:
@@ -148,3 +170,14 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise PidrtError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def for_unet_channels(preset: Preset, in_channels: int) -> Preset:
+    """The member of `preset`'s family whose UNet takes `in_channels` (a checkpoint's conv_in says
+    whether it is an inpainting model); `preset` itself when none does (the config check then
+    reports the difference field by field)."""
+    if preset.unet.in_channels == in_channels:
+        return preset
+    base = PRESETS.get(preset.family, preset)
+    twin = PRESETS.get(base.name + INPAINTING_SUFFIX) or inpainting(base)
+    return next((p for p in (base, twin) if p.unet.in_channels == in_channels), preset)

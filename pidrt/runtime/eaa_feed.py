@@ -79,7 +79,7 @@ class CachedFeed:
     rows = 0
 
     def __init__(self, layers: Sequence[LayerInfo], conditions: Sequence[EAACondition | None], device, dtype,
-                 streamed: bool, streams: CudaStreams | None = None):
+                 streamed: bool, start: int = 0, streams: CudaStreams | None = None):
         self.layers, self.device, self.dtype = layers, torch.device(device), dtype
         self.streamed = streamed
         if streams is None and streamed and self.device.type == "cuda":
@@ -93,7 +93,7 @@ class CachedFeed:
         if not streamed:
             self.resident = [None if h is None else [self._move(s) for s in h] for h in self.host]
         else:
-            self._prefetch(0)
+            self._prefetch(start)  # img2img begins at a later step
 
     def _move(self, step):
         return {k: tuple(t.to(self.device, self.dtype, non_blocking=True) for t in kv) for k, kv in step.items()}
@@ -178,8 +178,10 @@ class RecomputeFeed:
         self.x = self.sched.step(eps_rows, i, self.x)
 
 
-def make_feed(pipe, conditions: Sequence, steps: int, placement: str, scheduler: str):
-    """The feed for a batch's EAA conditions, or None when the batch has no EAA identity."""
+def make_feed(pipe, conditions: Sequence, steps: int, placement: str, scheduler: str, start: int = 0):
+    """The feed for a batch's EAA conditions, or None when the batch has no EAA identity.
+
+    `start`: the first step the loop runs (img2img); recompute always begins at step 0."""
     eaa = [c if isinstance(c, EAACondition) else None for c in conditions]
     if all(c is None for c in eaa):
         return None
@@ -197,4 +199,4 @@ def make_feed(pipe, conditions: Sequence, steps: int, placement: str, scheduler:
                 f"EAA features were recorded for {len(c.steps)} steps; this generation runs {steps}. "
                 "Enroll the identity again with the same step count."
             )
-    return CachedFeed(pipe.layers, eaa, pipe.device, pipe.dtype, streamed=placement == "streamed")
+    return CachedFeed(pipe.layers, eaa, pipe.device, pipe.dtype, streamed=placement == "streamed", start=start)

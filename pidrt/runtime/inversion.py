@@ -18,6 +18,7 @@ from pidrt.errors import PidrtError
 from pidrt.models.adapters import EAAAdapter
 from pidrt.models.branches import project_eaa
 from pidrt.runtime.conditioning import StepKV
+from pidrt.runtime.edits import is_inpainting_unet, repaint_everything
 from pidrt.runtime.pipeline import Pipeline
 from pidrt.runtime.schedulers import DDIM, DDIMInverse
 
@@ -34,10 +35,13 @@ class Inversion:
 def _run(pipe: Pipeline, sched, x, ctx, record: bool, on_call: Callable[[], None] | None):
     steps = []
     state = pipe.state
+    # An inpainting UNet records in its text-to-image mode (nothing to keep).
+    extra = repaint_everything(pipe, x.shape[0], *x.shape[2:]) if is_inpainting_unet(pipe) else None
     for i, t in enumerate(sched.timesteps):
         state.record = {} if record else None
+        x_in = sched.scale_model_input(x, i)
         try:
-            eps = pipe.unet(sched.scale_model_input(x, i), t, ctx)
+            eps = pipe.unet(x_in if extra is None else torch.cat([x_in, extra], dim=1), t, ctx)
         finally:
             captured, state.record = state.record, None
         if record:

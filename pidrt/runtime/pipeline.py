@@ -1,10 +1,11 @@
 """The torch text-to-image pipeline: text encoding, CFG as one batch, the scheduler loop, VAE decode.
 
-Every image in a call has its own prompt, seed, identity and scale schedule; they share the
-step count, guidance, size and scheduler (they share UNet calls). An image's starting noise is
-drawn from its own seed, so its seed decides it: bit for bit in a batch of the same composition,
-within floating-point tolerance (about 1e-4, at most 1/255 after 8-bit rounding) in another batch,
-where BLAS may take other paths.
+Every image in a call has its own prompt, seed, identity, scale schedule, token identity and
+edit (an init image, strength and mask: img2img / inpainting, pidrt.runtime.edits); they share
+the step count, guidance, size and scheduler (they share UNet calls). An image's starting noise
+is drawn from its own seed, so its seed decides it: bit for bit in a batch of the same
+composition, within floating-point tolerance (about 1e-4, at most 1/255 after 8-bit rounding) in
+another batch, where BLAS may take other paths.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pidrt.models.tokens import TextKey, TokenIdentity, encode_texts
 from pidrt.runtime.conditioning import Condition, FewTokenCondition, FoldedCondition, ScaleSchedule
 from pidrt.runtime.contexts import plan_contexts
 from pidrt.runtime.eaa_feed import make_feed
+from pidrt.runtime.edits import Edit, EditPlan
 from pidrt.runtime.schedulers import make_scheduler
 
 MAX_STEPS = 1000
@@ -55,6 +57,7 @@ class ImageSpec:
     condition: Condition | None = None
     schedule: ScaleSchedule = field(default_factory=ScaleSchedule)
     tokens: TokenIdentity | None = None  # its placeholder must be in `prompt` (docs/token-identities.md)
+    edit: Edit | None = None  # img2img / inpainting; None: generated from noise
 
 
 @dataclass
@@ -115,22 +118,29 @@ class Pipeline:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         cfg = config.guidance != 1.0
-        plan = plan_contexts([s.prompt for s in specs], [s.negative_prompt for s in specs] if cfg else None,
-                             [s.tokens for s in specs], [layer.name for layer in self.layers if layer.kind == "cross"],
-                             self.models.preset.text.hidden_size)
-        table = (encode or self.encode_text)(plan.texts)
+        contexts = plan_contexts([s.prompt for s in specs], [s.negative_prompt for s in specs] if cfg else None,
+                                 [s.tokens for s in specs], [layer.name for layer in self.layers if layer.kind == "cross"],
+                                 self.models.preset.text.hidden_size)
+        table = (encode or self.encode_text)(contexts.texts)
         timings["text_encode_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         sched = make_scheduler(config.scheduler, self.models.preset.scheduler, config.steps)
         scale_f = self.models.preset.latent_scale
-        shape = (self.models.unet.config.in_channels, config.height // scale_f, config.width // scale_f)
-        x = initial_noise([s.seed for s in specs], shape, self.dtype, self.device)
+        shape = (self.models.vae.config.latent_channels, config.height // scale_f, config.width // scale_f)
+        plan = EditPlan(self, sched, [s.edit for s in specs],
+                        initial_noise([s.seed for s in specs], shape, self.dtype, self.device))
+        x = plan.x
         conditions = ([s.condition for s in specs] * (2 if cfg else 1))
         halves = (["uncond"] * len(specs) if cfg else []) + ["cond"] * len(specs)
         fixed = self._few_token_payloads(conditions, halves, config.folded)
-        feed = make_feed(self, conditions, config.steps, config.eaa_placement, config.scheduler)
+        feed = make_feed(self, conditions, config.steps, config.eaa_placement, config.scheduler, plan.first)
         rows = feed.rows if feed is not None else 0
+        # Steps before every element's start are skipped, except for recompute's reference rows,
+        # which walk the whole schedule from P_T.
+        first = 0 if rows else plan.first
+        sched.reset(first)
+        extra = plan.unet_channels(rows, cfg)
         schedules = [s.schedule for s in specs] * (2 if cfg else 1)
         # One host-to-device copy for the whole loop: a per-step copy would stall a GPU's queue.
         scales = torch.tensor(
@@ -138,20 +148,22 @@ class Pipeline:
              for i in range(config.steps)], device=self.device, dtype=self.dtype,
         )
         try:
-            for i, t in enumerate(sched.timesteps):
+            for i in range(first, config.steps):
+                t = sched.timesteps[i]
                 self.state.layers = fixed if feed is None else feed.payloads(i)
                 self.state.scale = scales[i]
-                ctx_in, self.state.value_context, self.state.layer_contexts = plan.at(
+                ctx_in, self.state.value_context, self.state.layer_contexts = contexts.at(
                     int(t), table, feed.ctx if rows else None)
                 x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, i)
-                eps = self.unet(torch.cat([feed.x, x_in]) if rows else x_in, t, ctx_in)
+                x_in = torch.cat([feed.x, x_in]) if rows else x_in
+                eps = self.unet(x_in if extra is None else torch.cat([x_in, extra], dim=1), t, ctx_in)
                 if rows:
                     feed.advance(eps[:rows], i)
                     eps = eps[rows:]
                 if cfg:
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + config.guidance * (eps_c - eps_u)
-                x = sched.step(eps, i, x)
+                x = plan.step(sched, eps, i, x)
                 if on_step is not None:
                     on_step(i, config.steps)
         finally:

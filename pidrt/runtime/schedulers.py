@@ -104,6 +104,13 @@ class _Sampler:
     def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return x
 
+    def reset(self, start: int = 0) -> None:
+        """Begin a chain at step index ``start`` (img2img). DDIM keeps nothing between steps."""
+
+    def join(self, rows: torch.Tensor) -> None:
+        """Batch rows (bool [B]) whose chain begins at the next ``step`` while the others go on: img2img
+        elements of different strengths sharing a batch. DDIM keeps nothing between steps."""
+
     def __len__(self) -> int:
         return self.steps
 
@@ -226,7 +233,11 @@ class DPMSolverPP2M(_Sampler):
         if not 0 <= start < self.steps:
             raise PidrtError(f"start must be in 0..{self.steps - 1}, got {start!r}")
         self._prev: torch.Tensor | None = None
+        self._joining: torch.Tensor | None = None
         self._next = start
+
+    def join(self, rows: torch.Tensor) -> None:
+        self._joining = rows
 
     def step(self, eps: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
         if i != self._next:
@@ -238,10 +249,14 @@ class DPMSolverPP2M(_Sampler):
         if self._prev is None:
             out = torch.add(xf * self._cx[i], x0, alpha=self._d[i])
         else:
+            prev = self._prev
+            if self._joining is not None:
+                # c0 + c1 = d: a row whose previous x0 is its own takes the first-order update.
+                prev = torch.where(self._joining.reshape(-1, *([1] * (x0.dim() - 1))), x0, prev)
             out = torch.add(xf * self._cx[i], x0, alpha=self._c0[i])
             if self._c1[i] != 0.0:
-                out.add_(self._prev, alpha=self._c1[i])
-        self._prev = x0
+                out.add_(prev, alpha=self._c1[i])
+        self._prev, self._joining = x0, None
         self._next = i + 1
         return out.to(x.dtype)
 
