@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pidrt.errors import PidrtError
 from pidrt.models.folded import FoldedBranch, folded_attention
+from pidrt.models.retouch import SubjectMaps, SwapLayer
 
 QuerySource = Literal["z", "x"]
 
@@ -126,6 +127,9 @@ class BranchState:
     explicit_attention: MatMul-Softmax-MatMul instead of SDPA (the ONNX pattern TensorRT fuses).
     fused: run folded branches and EAA through these fused ops (Triton kernels, or plugin nodes
     in an export) instead of the reference torch code; None: the reference.
+    swap: self-attention layer name -> Layout-and-Retouch's K/V swap and output blend for this
+    call (`pidrt.models.retouch.SwapLayer`); a missing layer is not edited.
+    maps: when set, the cross layers it names record the subject tokens' attention maps.
     """
 
     scale: torch.Tensor | None = None
@@ -133,10 +137,14 @@ class BranchState:
     record: dict[str, list[torch.Tensor]] | None = None
     explicit_attention: bool = False
     fused: FusedOps | None = None
+    swap: dict[str, SwapLayer] = field(default_factory=dict)
+    maps: SubjectMaps | None = None
 
     def clear(self) -> None:
         self.scale = None
         self.layers = {}
+        self.swap = {}
+        self.maps = None
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -169,6 +177,11 @@ class IdentityAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if attention_mask is not None:
             raise PidrtError("pidrt's SD1.5 attention does not take attention masks")
+        edit = self.state.swap.get(self.layer.name)
+        out = self._attention(attn, hidden_states, encoder_hidden_states, edit)
+        return out if edit is None else edit.blend(out)
+
+    def _attention(self, attn, hidden_states, encoder_hidden_states, edit: SwapLayer | None):
         state = self.state
         x = hidden_states
         if state.record is not None:
@@ -176,6 +189,10 @@ class IdentityAttnProcessor:
         ctx = x if encoder_hidden_states is None else encoder_hidden_states
         heads = attn.heads
         query, key, value = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+        if edit is not None:
+            key, value = edit.swap(key, value)
+        if state.maps is not None:
+            state.maps.add(self.layer.name, query, key, heads)
         payload = state.layers.get(self.layer.name) if state.scale is not None else None
         if isinstance(payload, EAARows):
             payload = payload.to_kv(x)
