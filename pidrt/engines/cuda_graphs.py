@@ -82,6 +82,9 @@ def method_signature(state: BranchState) -> tuple:
     """The payload structure of a state, hashable; raises NotGraphable when it cannot be captured."""
     if state.record is not None:
         raise NotGraphable("feature recording (state.record)")
+    if state.swap or state.maps is not None:
+        # Their indices, slots and masks change every step; a replay would keep the captured ones.
+        raise NotGraphable("Layout-and-Retouch edits (state.swap / state.maps)")
     layers = []
     for name in sorted(state.layers):
         head, tensors = _fields(state.layers[name])

@@ -24,6 +24,7 @@ from pidrt.models.branches import IPIdentity, SCAIdentity, eaa_payloads, few_tok
 from pidrt.models.build import build_random
 from pidrt.models.folded import FoldedBranch
 from pidrt.models.presets import SD15, TINY
+from pidrt.models.retouch import SwapLayer
 from pidrt.runtime.conditioning import EAACondition, FewTokenCondition, FoldedCondition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 
@@ -151,6 +152,10 @@ def test_bucket_key_is_the_structure_not_the_values():
         key(recording)
     with pytest.raises(NotGraphable, match="EAARows"):
         key(state_with({"l1": EAARows([[0], [0]], {})}))
+    retouch = state_with({})
+    retouch.swap = {"l1": SwapLayer(torch.arange(2), torch.arange(2))}  # indices change every step
+    with pytest.raises(NotGraphable, match="Retouch"):
+        key(retouch)
 
 
 # ---------------------------------------------------------------- static buffers, fake graph
