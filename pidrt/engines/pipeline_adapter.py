@@ -22,13 +22,14 @@ from pidrt.export.inputs import unet_feed
 from pidrt.export.specs import ModelSpec
 from pidrt.models.attention import BranchState
 from pidrt.models.build import Models
+from pidrt.models.retouch import LayerTap
 from pidrt.runtime.pipeline import Pipeline
 
 
 def state_feed(spec: ModelSpec, state: BranchState, sample: torch.Tensor, timestep, ctx: torch.Tensor
                ) -> dict[str, torch.Tensor]:
     """The UNet graph's named inputs for one call, from the pipeline's current `BranchState`."""
-    return unet_feed(spec, sample, timestep, ctx, state.scale, state.layers)
+    return unet_feed(spec, sample, timestep, ctx, state.scale, state.layers, state.swap, state.maps)
 
 
 class RunnerPipeline(Pipeline):
@@ -41,12 +42,14 @@ class RunnerPipeline(Pipeline):
 
     @torch.no_grad()
     def unet(self, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
-        # EAA enrollment records every layer's input (state.record); graphs do not output those,
-        # so recording calls stay on the torch UNet.
-        if self.runners.unet is None or self.state.record is not None:
+        # EAA enrollment records every layer's input (state.record), the retouch's recorded layout
+        # path taps layers (LayerTap); graphs do not output those, so such calls stay on torch.
+        if self.runners.unet is None or self.state.record is not None or any(
+                isinstance(e, LayerTap) for e in self.state.swap.values()):
             return super().unet(x, t, ctx)
         t = torch.as_tensor(t, device=self.device).expand(x.shape[0])
-        return self.runners.unet(x, t, ctx, self.state.scale, payloads=self.state.layers)
+        return self.runners.unet(x, t, ctx, self.state.scale, payloads=self.state.layers, swap=self.state.swap,
+                                 maps=self.state.maps)
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from pidrt.errors import PidrtError
+from pidrt.export import retouch_io
 from pidrt.export.specs import ModelSpec, axis_env, resolve
 from pidrt.export.wrappers import QUERY
 from pidrt.models.attention import EAAKV, EAARows, FoldedLayer, Payload, attention_layers
@@ -46,8 +47,12 @@ def _check_payload(spec: ModelSpec, name: str, p: Payload) -> None:
 
 
 def unet_feed(spec: ModelSpec, sample: torch.Tensor, timestep, ctx: torch.Tensor,
-              scale: torch.Tensor | None = None, payloads: Mapping[str, Payload] | None = None) -> dict[str, torch.Tensor]:
-    """All named inputs of a UNet graph; layers without a payload get zeros (exactly no branch)."""
+              scale: torch.Tensor | None = None, payloads: Mapping[str, Payload] | None = None,
+              swap: Mapping | None = None, maps=None) -> dict[str, torch.Tensor]:
+    """All named inputs of a UNet graph; layers without a payload get zeros (exactly no branch).
+
+    swap, maps: a `BranchState`'s retouch edits and subject-map recorder (export/retouch_io.py).
+    """
     batch, device = sample.shape[0], sample.device
     dtype = TORCH_DTYPES[spec.dtype]
     payloads = dict(payloads or {})
@@ -56,6 +61,12 @@ def unet_feed(spec: ModelSpec, sample: torch.Tensor, timestep, ctx: torch.Tensor
         "timestep": torch.as_tensor(timestep, device=device).to(torch.float32).reshape(-1).expand(batch).contiguous(),
         "encoder_hidden_states": ctx.to(device, dtype),
     }
+    if spec.retouch_layers:
+        env = axis_env(batch, sample.shape[2], sample.shape[3], spec.levels)
+        feed.update(retouch_io.state_inputs(spec, batch, env, device, swap, maps))
+    elif swap or maps is not None:
+        raise PidrtError(f"{spec.name} has no retouch inputs but the call carries retouch edits; export the UNet "
+                         "with SpecOptions(retouch_blocks=...)")
     active = scale is not None and bool(torch.count_nonzero(scale))
     if spec.method == "none":
         if payloads and active:
@@ -97,6 +108,10 @@ def example_feed(spec: ModelSpec, batch: int, height: int, width: int, seed: int
             t = torch.rand(shape, generator=g)
         elif name == "scale":
             t = torch.linspace(1.0, 0.0, shape[0])
+        elif name.endswith("_source"):  # retouch rows / slots: valid indices
+            t = torch.randint(0, 2 * shape[0], shape, generator=g)
+        elif name.startswith("blend_mask") or name == "map_weights":
+            t = torch.rand(shape, generator=g)
         else:
             # Small identity tensors keep softmax scores in fp16 range when tracing in half.
             t = torch.randn(shape, generator=g) * (0.1 if name[0] in "abkv" and "_" in name else 1.0)
