@@ -149,3 +149,19 @@ def test_bench_generation_smoke(tmp_path):
     # Same modules, noise and scheduler: pidrt's images are diffusers' (fp32 on CPU).
     assert result["image_max_abs_diff"] and max(result["image_max_abs_diff"].values()) < 1e-4
     assert all(r["speedup_vs_baseline"] > 0 for r in result["rows"] if r["baseline"])
+
+
+@pytest.mark.slow  # nine tiny retouches and generations: ~30 s on 2 busy cores
+def test_bench_retouch_smoke(tmp_path, capsys):
+    bench = _bench("bench_retouch")
+    assert bench.main(["--out", str(tmp_path / "x"), "--device", "cpu"]) == 2  # sd15 on CPU
+    assert "--preset tiny --device cpu" in capsys.readouterr().err
+    stem = tmp_path / "r"
+    assert bench.main(["--out", str(stem), "--preset", "tiny", "--device", "cpu", "--steps", "3", "--images", "1",
+                       "--repeats", "1"]) == 0
+    result = _outputs(stem)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["inversion+rows"]["unet_calls"] == {"stage1": 3, "layout_inversion": 3, "stage2": 3}
+    assert rows["recorded+cached"]["unet_rows"] == {"stage1": 6, "stage2": 6}
+    assert rows["inversion+cached"]["vs_paper"]["max_abs"] < 1e-3  # the cache serves the same K/V
+
