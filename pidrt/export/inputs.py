@@ -159,3 +159,26 @@ def random_identity_batch(unet, spec: ModelSpec, height: int, width: int, seed: 
             per_element.append(kv)
         return eaa_payloads(layers, per_element + [None]), scale
     return {}, torch.zeros(3)
+
+
+def random_retouch_edits(spec: ModelSpec, batch: int, height: int, width: int, seed: int = 0):
+    """Random retouch edits for a retouch graph: rows and slots, one mask per latent level (what
+    the runtime passes), and map weights on one token per element; (swap, maps) for `unet_feed`."""
+    from pidrt.models.adapters import layer_level
+    from pidrt.models.retouch import SubjectMaps, SwapLayer
+
+    g = torch.Generator().manual_seed(seed)
+    env = axis_env(batch, height, width, spec.levels)
+    masks: dict[int, torch.Tensor] = {}
+    swap = {}
+    for index, name in spec.retouch_layers:
+        level = layer_level(name, spec.levels)
+        n, c = env[f"tokens_{level}"], spec.input(f"swap_k_{index}").dims[2]
+        masks.setdefault(level, torch.rand(batch, n, generator=g))
+        sources = [torch.randint(0, 2 * batch, (batch,), generator=g) for _ in range(2)]
+        slots = [torch.randn(batch, n, c, generator=g) * 0.5 for _ in range(3)]
+        swap[name] = SwapLayer(*sources, masks[level], *slots)
+    weights = torch.zeros(batch, spec.input("map_weights").dims[1])
+    weights[torch.arange(batch), torch.randint(1, weights.shape[1], (batch,), generator=g)] = 1.0
+    return swap, SubjectMaps(weights, frozenset(name for _, name in spec.map_layers))
+

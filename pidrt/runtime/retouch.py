@@ -135,7 +135,7 @@ def retouch(pipe: Pipeline, sampling: SamplingConfig, specs: Sequence[RetouchSpe
         raise PidrtError(f"unknown retouch options {options}")
     edited = swap_layers(pipe.layers, config)
     names = [layer.name for layer in edited]
-    _check_references(specs, options, sampling.steps, names)
+    _check_specs(specs, options, sampling, names)
     timings: dict[str, float] = {}
     calls: dict[str, int] = {}
     rows: dict[str, int] = {}
@@ -169,8 +169,15 @@ def retouch(pipe: Pipeline, sampling: SamplingConfig, specs: Sequence[RetouchSpe
     return RetouchOutput(images, latents, layout.images, timings, calls, rows)
 
 
-def _check_references(specs, options: RetouchOptions, steps: int, names: list[str]) -> None:
+def _check_specs(specs, options: RetouchOptions, sampling: SamplingConfig, names: list[str]) -> None:
+    steps = sampling.steps
     for i, s in enumerate(specs):
+        mask = s.user_mask
+        if mask is not None and tuple(mask.shape) != (sampling.height, sampling.width):
+            raise PidrtError(f"image {i}: the foreground mask must be {sampling.height}x{sampling.width} (the image); "
+                             f"got {tuple(mask.shape)}")
+        if mask is not None and bool(((mask != 0) & (mask != 1)).any()):
+            raise PidrtError(f"image {i}: the foreground mask must be binary (0 and 1)")
         ref = s.reference
         if options.reference == "rows" and ref.latent_t is None:
             raise PidrtError(f"image {i}: the reference path as rows needs the reference's P_T latent")

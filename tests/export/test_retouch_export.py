@@ -8,14 +8,13 @@ import torch
 from pidrt.engines.ort_backend import OrtRunner
 from pidrt.errors import PidrtError
 from pidrt.export.commands import reference_output
-from pidrt.export.inputs import unet_feed
+from pidrt.export.inputs import random_retouch_edits, unet_feed
 from pidrt.export.manifest import find_graph
 from pidrt.export.testing import tiny_export
-from pidrt.models.adapters import layer_tokens
 from pidrt.models.attention import branch_state
 from pidrt.models.build import build_random
 from pidrt.models.presets import TINY
-from pidrt.models.retouch import LayerTap, SubjectMaps, SwapLayer, token_weights
+from pidrt.models.retouch import LayerTap, SwapLayer
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_graphsurgeon")
@@ -40,28 +39,6 @@ def spec(models):
     return unet_spec(TINY, attention_layers(models.unet), retouch_blocks=(10, 16))
 
 
-def edits(spec, batch: int, side: int, seed: int) -> dict[str, SwapLayer]:
-    """Random rows, slots and masks; one mask per latent level (what the runtime passes)."""
-    g = torch.Generator().manual_seed(seed)
-    masks = {}
-    out = {}
-    for j, (index, name) in enumerate(spec.retouch_layers):
-        n = layer_tokens(name, side, spec.levels)
-        c = spec.input(f"swap_k_{index}").dims[2]
-        masks.setdefault(n, torch.rand(batch, n, generator=g))
-        kv_source = torch.randint(0, 2 * batch, (batch,), generator=g)
-        out_source = torch.randint(0, 2 * batch, (batch,), generator=g)
-        slots = [torch.randn(batch, n, c, generator=g) * 0.5 for _ in range(3)]
-        out[name] = SwapLayer(kv_source, out_source, masks[n], *slots)
-    return out
-
-
-def torch_call(models, spec, feed, swap, maps):
-    state = branch_state(models.unet)
-    state.swap, state.maps = swap, maps  # reference_output runs the UNet with them, then clears the state
-    return reference_output(models, spec, feed)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("side", [8, 16])
 def test_edits_and_maps_match_torch(models, entry, side):
@@ -71,11 +48,17 @@ def test_edits_and_maps_match_torch(models, entry, side):
     batch = 4
     sample, ctx = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 32, generator=g)
     t = torch.tensor([999.0, 500.0, 20.0, 1.0])
-    swap = edits(spec, batch, side, seed=side)
-    maps = SubjectMaps(token_weights([[1], [2, 3], [4], [5]], 77), frozenset(n for _, n in spec.map_layers))
+    swap, maps = random_retouch_edits(spec, batch, side, side, seed=side)
     feed = unet_feed(spec, sample, t, ctx, swap=swap, maps=maps)
     got = runner.run(feed)
-    want = torch_call(models, spec, feed, swap, maps)
+    state = branch_state(models.unet)
+    state.swap, state.maps = swap, maps  # the processors read the edits themselves, not the feed
+    try:
+        with torch.no_grad():
+            want = models.unet(sample, t, encoder_hidden_states=ctx).sample
+    finally:
+        state.clear()
+    assert (reference_output(models, spec, feed) - want).abs().max() < 1e-5  # what `pidrt verify` compares to
     assert (got["noise_pred"] - want).abs().max() < 1e-4
     want_maps = torch.stack([maps.maps[n] for _, n in spec.map_layers], dim=1)
     assert (got["subject_maps"] - want_maps).abs().max() < 1e-5
@@ -83,6 +66,14 @@ def test_edits_and_maps_match_torch(models, entry, side):
     plain = reference_output(models, spec, unet_feed(spec, sample, t, ctx))
     assert (want - plain).abs().max() > 1e-3
     assert (runner.run(unet_feed(spec, sample, t, ctx))["noise_pred"] - plain).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_verify_exercises_random_edits(models, entry):
+    from pidrt.export.commands import VerifyOptions, verify
+
+    report = verify(entry.dir, "ort", VerifyOptions(graphs=(entry.name,), backend_options={"threads": 1}), models)
+    assert report["graphs"][entry.name]["max_abs"] < 1e-4
 
 
 def test_spec_names_the_edited_and_mapped_layers(spec):

@@ -18,9 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from pidrt.errors import PidrtError
+from pidrt.models.adapters import SCAAdapter
+from pidrt.models.branches import SCAIdentity
 from pidrt.models.build import build_random
 from pidrt.models.presets import TINY
 from pidrt.models.retouch import MaskConfig, RetouchConfig, SwapLayer, swap_layers
+from pidrt.runtime.conditioning import FewTokenCondition, ScaleSchedule
 from pidrt.runtime.inversion import ddim_invert
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.retouch import RetouchOptions, RetouchSpec, reference_path, retouch
@@ -200,3 +203,32 @@ def test_bad_requests_get_clear_errors(pipe, spec):
         retouch(pipe, SAMPLING, [spec], wider)
     with pytest.raises(PidrtError, match="token positions"):
         retouch(pipe, SAMPLING, [dataclasses.replace(spec, subject_tokens=())], CONFIG)
+    with pytest.raises(PidrtError, match="must be 64x64"):
+        retouch(pipe, SAMPLING, [dataclasses.replace(spec, user_mask=torch.ones(8, 8))], CONFIG)
+    with pytest.raises(PidrtError, match="binary"):
+        retouch(pipe, SAMPLING, [dataclasses.replace(spec, user_mask=torch.full((64, 64), 0.5))], CONFIG)
+
+
+def test_stage_one_is_step_blended_and_a_user_mask_refines_the_blend(pipe, spec):
+    """Stage 1 = the identity's generation with scale 0 for the first k steps; a user mask
+    changes the blend (and only the blend: the layout image is the same)."""
+    identity = sca_condition(pipe, 1)
+    image = dataclasses.replace(spec.image, condition=identity, schedule=ScaleSchedule(0.8))
+    with_id = dataclasses.replace(spec, image=image)
+    out = retouch(pipe, SAMPLING, [with_id], CONFIG, RetouchOptions("recorded", "cached"))
+    layout = pipe.generate(SAMPLING, [dataclasses.replace(image, schedule=ScaleSchedule(0.8, start=1))])
+    assert (out.layout_images - layout.images).abs().max() < 1e-5
+    mask = torch.zeros(64, 64)
+    mask[8:56, 16:48] = 1
+    masked = retouch(pipe, SAMPLING, [dataclasses.replace(with_id, user_mask=mask)], CONFIG,
+                     RetouchOptions("recorded", "cached"))
+    assert torch.equal(masked.layout_images, out.layout_images)
+    assert (masked.latents - out.latents).abs().max() > 1e-4
+
+
+def sca_condition(pipe, seed):
+    adapter = SCAAdapter.random(pipe.layers, TINY.unet.cross_attention_dim, seed=seed)
+    w = torch.randn(1, 18, 512, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return FewTokenCondition("sca", SCAIdentity(adapter, adapter.mapping(w)[0]),
+                                 SCAIdentity(adapter, adapter.mapping.unconditional()[0]))
