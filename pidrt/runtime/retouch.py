@@ -199,7 +199,7 @@ def _stage2(pipe: Pipeline, sampling: SamplingConfig, specs, config: RetouchConf
     n, steps = len(specs), sampling.steps
     cfg = sampling.guidance != 1.0
     halves = 2 if cfg else 1
-    ctx_parts, x_paths, conditions = [], [], []
+    ctx_parts, x_paths = [], []
     layout_rows = reference_rows = None
     if options.layout == "inversion":
         layout_rows = list(range(n))
