@@ -86,6 +86,9 @@ def method_signature(state: BranchState) -> tuple:
         # The processor reads these from the state, not from a static slot: a replay would read
         # the capture's tensors. Token identities run eagerly until the buckets hold them.
         raise NotGraphable("token-identity contexts (state.value_context / layer_contexts)")
+    if state.swap or state.maps is not None:
+        # Their indices, slots and masks change every step; a replay would keep the captured ones.
+        raise NotGraphable("Layout-and-Retouch edits (state.swap / state.maps)")
     layers = []
     for name in sorted(state.layers):
         head, tensors = _fields(state.layers[name])

@@ -293,14 +293,15 @@ class FastPipeline(Pipeline):
             self.sdpa_choice[shape] = backend
             return self._forward(x, t_full, ctx, module=unet)
 
-        saved = self.state.record
-        self.state.record = None  # timing calls must not add to an EAA recording in progress
+        saved, saved_swap = self.state.record, self.state.swap
+        # Timing calls must not add to an EAA recording or a retouch tap in progress.
+        self.state.record, self.state.swap = None, {}
         try:
             # A backend must agree with torch's own choice before its speed counts.
             validate = close_to(run(None), SDPA_RTOL[self.dtype])
             best, timings = pick_sdpa_backend(run, candidates, self.sdpa_timer, validate)
         finally:
-            self.state.record = saved
+            self.state.record, self.state.swap = saved, saved_swap
         self.sdpa_choice[shape] = best
         self.sdpa_timings[shape] = timings
 

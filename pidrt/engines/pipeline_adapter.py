@@ -25,6 +25,7 @@ from pidrt.export.inputs import unet_feed
 from pidrt.export.specs import ModelSpec
 from pidrt.models.attention import BranchState
 from pidrt.models.build import Models
+from pidrt.models.retouch import LayerTap
 from pidrt.models.tokens import TextKey
 from pidrt.runtime.pipeline import Pipeline
 
@@ -33,7 +34,8 @@ def state_feed(spec: ModelSpec, state: BranchState, sample: torch.Tensor, timest
                ) -> dict[str, torch.Tensor]:
     """The UNet graph's named inputs for one call, from the pipeline's current `BranchState`."""
     _check_contexts(state)
-    return unet_feed(spec, sample, timestep, ctx, state.scale, state.layers, state.value_context)
+    return unet_feed(spec, sample, timestep, ctx, state.scale, state.layers, state.value_context, state.swap,
+                     state.maps)
 
 
 def _check_contexts(state: BranchState) -> None:
@@ -52,14 +54,15 @@ class RunnerPipeline(Pipeline):
 
     @torch.no_grad()
     def unet(self, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
-        # EAA enrollment records every layer's input (state.record); graphs do not output those,
-        # so recording calls stay on the torch UNet.
-        if self.runners.unet is None or self.state.record is not None:
+        # EAA enrollment records every layer's input (state.record), the retouch's recorded layout
+        # path taps layers (LayerTap); graphs do not output those, so such calls stay on torch.
+        if self.runners.unet is None or self.state.record is not None or any(
+                isinstance(e, LayerTap) for e in self.state.swap.values()):
             return super().unet(x, t, ctx)
         _check_contexts(self.state)
         t = torch.as_tensor(t, device=self.device).expand(x.shape[0])
         return self.runners.unet(x, t, ctx, self.state.scale, payloads=self.state.layers,
-                                 value_context=self.state.value_context)
+                                 value_context=self.state.value_context, swap=self.state.swap, maps=self.state.maps)
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[TextKey]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pidrt.engines.base import Backend, GraphRunner, backend_module, require_bac
 from pidrt.errors import PidrtError
 from pidrt.export.inputs import TORCH_DTYPES, unet_feed
 from pidrt.export.manifest import GraphEntry, graph_entries
+from pidrt.export.retouch_io import read_maps
 from pidrt.models.attention import Payload
 
 
@@ -37,15 +38,21 @@ class UNetRunner:
 
     def __call__(self, sample: torch.Tensor, timestep, ctx: torch.Tensor, scale: torch.Tensor | None = None,
                  identity: Mapping[str, torch.Tensor] | None = None,
-                 payloads: Mapping[str, Payload] | None = None,
-                 value_context: torch.Tensor | None = None) -> torch.Tensor:
-        """noise prediction; identity: named inputs (a_<i>, b_<i>, bias_<i> / k_<i>, v_<i>) or payloads;
-        value_context: cross-attention's V context when it is not ctx (token identities)."""
-        feed = unet_feed(self.spec, sample, timestep, ctx, scale, payloads, value_context)
+                 payloads: Mapping[str, Payload] | None = None, value_context: torch.Tensor | None = None,
+                 swap: Mapping | None = None, maps=None) -> torch.Tensor:
+        """noise prediction; identity: named inputs (a_<i>, b_<i>, bias_<i> / k_<i>, v_<i>) or payloads.
+
+        value_context: cross-attention's V context when it is not ctx (token identities); swap,
+        maps: retouch edits and the subject-map recorder (a retouch graph fills its maps).
+        """
+        feed = unet_feed(self.spec, sample, timestep, ctx, scale, payloads, value_context, swap, maps)
         if identity:
             for name, t in identity.items():
                 feed[name] = t.to(feed["sample"].device, TORCH_DTYPES[self.spec.input(name).dtype])
-        return self.graph.run(feed)["noise_pred"].to(sample.dtype)
+        out = self.graph.run(feed)
+        if self.spec.retouch_layers:
+            read_maps(self.spec, maps, out["subject_maps"].to(sample.dtype))
+        return out["noise_pred"].to(sample.dtype)
 
 
 class TextRunner:
@@ -86,14 +93,19 @@ _TYPED = {"unet": UNetRunner, "text_encoder": TextRunner, "vae_decoder": VAEDeco
 
 
 def open_runners(export_dir: Path | str, backend: Backend | str = Backend.ORT, method: str = "none",
-                 dtype: str | None = None, models=None, **options) -> Runners:
-    """The graphs of `export_dir` for one UNet method (and dtype, if both were exported) on `backend`."""
+                 dtype: str | None = None, models=None, retouch: bool | None = None, **options) -> Runners:
+    """The graphs of `export_dir` for one UNet method (and dtype, if both were exported) on `backend`.
+
+    retouch: take the UNet with (True) or without (False) retouch inputs; None: whichever is there.
+    """
     runners = Runners()
     for entry in graph_entries(export_dir).values():
         spec = entry.spec
         if (spec.kind == "unet" and spec.method != method) or (dtype and spec.dtype != dtype):
             continue
+        if spec.kind == "unet" and retouch is not None and bool(spec.retouch_layers) != retouch:
+            continue
         if getattr(runners, spec.kind) is not None:
-            raise PidrtError(f"{export_dir}: several {spec.kind} graphs match; pass dtype")
+            raise PidrtError(f"{export_dir}: several {spec.kind} graphs match; pass dtype (and retouch)")
         setattr(runners, spec.kind, _TYPED[spec.kind](open_graph(entry, backend, models, **options)))
     return runners

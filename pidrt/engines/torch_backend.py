@@ -32,7 +32,7 @@ class TorchRunner(GraphRunner):
     @torch.no_grad()
     def _run(self, feed, env):
         out = self.module(*(feed[n] for n in self.spec.input_names))
-        return {self.spec.output_names[0]: out}
+        return dict(zip(self.spec.output_names, out if isinstance(out, tuple) else (out,)))
 
 
 def module_for(models, spec: ModelSpec, explicit_attention: bool = False) -> torch.nn.Module:

@@ -16,7 +16,8 @@ import torch
 
 from pidrt import __version__
 from pidrt.errors import PidrtError
-from pidrt.export.inputs import TORCH_DTYPES, example_feed, random_identity_batch, unet_feed
+from pidrt.export import retouch_io
+from pidrt.export.inputs import TORCH_DTYPES, example_feed, random_identity_batch, random_retouch_edits, unet_feed
 from pidrt.export.manifest import FORMAT, GraphEntry, graph_entries, models_from_source, read_manifest, write_manifest
 from pidrt.export.onnx_export import export_graph, graph_key
 from pidrt.export.specs import KINDS, ModelSpec, SpecOptions, model_spec
@@ -129,6 +130,8 @@ def reference_output(models: Models, spec: ModelSpec, feed: dict, payloads=None,
         state = branch_state(models.unet)
         state.layers, state.scale = (payloads or {}), scale
         state.value_context = f32.get("value_context")
+        if spec.retouch_layers:  # the retouch edits the feed describes (indices, slots, masks)
+            state.swap, state.maps = retouch_io.graph_payloads(spec, f32)
         try:
             return models.unet(f32["sample"], f32["timestep"], encoder_hidden_states=f32["encoder_hidden_states"]).sample
         finally:
@@ -145,8 +148,9 @@ def _feed_for(models: Models, spec: ModelSpec, h: int, w: int, seed: int):
     value_context = ctx.clone()
     value_context[1] = torch.randn(ctx.shape[1:], generator=g)
     payloads, scale = random_identity_batch(models.unet, spec, h, w, seed)
+    swap, maps = random_retouch_edits(spec, 3, h, w, seed) if spec.retouch_layers else (None, None)
     feed = unet_feed(spec, sample, torch.tensor([999.0, 500.0, 20.0]), ctx, scale, payloads,
-                     value_context if "value_context" in spec.input_names else None)
+                     value_context if "value_context" in spec.input_names else None, swap, maps)
     return feed, payloads, scale
 
 

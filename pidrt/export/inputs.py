@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from pidrt.errors import PidrtError
+from pidrt.export import retouch_io
 from pidrt.export.specs import ModelSpec, axis_env, resolve
 from pidrt.export.wrappers import QUERY
 from pidrt.models.attention import EAAKV, EAARows, FoldedLayer, Payload, attention_layers
@@ -48,11 +49,13 @@ def _check_payload(spec: ModelSpec, name: str, p: Payload) -> None:
 
 def unet_feed(spec: ModelSpec, sample: torch.Tensor, timestep, ctx: torch.Tensor,
               scale: torch.Tensor | None = None, payloads: Mapping[str, Payload] | None = None,
-              value_context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              value_context: torch.Tensor | None = None, swap: Mapping | None = None,
+              maps=None) -> dict[str, torch.Tensor]:
     """All named inputs of a UNet graph; layers without a payload get zeros (exactly no branch).
 
     ctx is the K context of cross-attention, value_context its V context (None: ctx, as for
-    ordinary prompts).
+    ordinary prompts). swap, maps: a `BranchState`'s retouch edits and subject-map recorder
+    (export/retouch_io.py).
     """
     batch, device = sample.shape[0], sample.device
     dtype = TORCH_DTYPES[spec.dtype]
@@ -68,6 +71,12 @@ def unet_feed(spec: ModelSpec, sample: torch.Tensor, timestep, ctx: torch.Tensor
     elif value_context is not None and value_context is not ctx:
         raise PidrtError(f"{spec.name} was exported before graphs took a V context (token identities); "
                          "export it again")
+    if spec.retouch_layers:
+        env = axis_env(batch, sample.shape[2], sample.shape[3], spec.levels)
+        feed.update(retouch_io.state_inputs(spec, batch, env, device, swap, maps))
+    elif swap or maps is not None:
+        raise PidrtError(f"{spec.name} has no retouch inputs but the call carries retouch edits; export the UNet "
+                         "with SpecOptions(retouch_blocks=...)")
     active = scale is not None and bool(torch.count_nonzero(scale))
     if spec.method == "none":
         if payloads and active:
@@ -109,6 +118,10 @@ def example_feed(spec: ModelSpec, batch: int, height: int, width: int, seed: int
             t = torch.rand(shape, generator=g)
         elif name == "scale":
             t = torch.linspace(1.0, 0.0, shape[0])
+        elif name.endswith("_source"):  # retouch rows / slots: valid indices
+            t = torch.randint(0, 2 * shape[0], shape, generator=g)
+        elif name.startswith("blend_mask") or name == "map_weights":
+            t = torch.rand(shape, generator=g)
         else:
             # Small identity tensors keep softmax scores in fp16 range when tracing in half.
             identity = name[0] in "abkv" and "_" in name and name != "value_context"
@@ -157,3 +170,26 @@ def random_identity_batch(unet, spec: ModelSpec, height: int, width: int, seed: 
             per_element.append(kv)
         return eaa_payloads(layers, per_element + [None]), scale
     return {}, torch.zeros(3)
+
+
+def random_retouch_edits(spec: ModelSpec, batch: int, height: int, width: int, seed: int = 0):
+    """Random retouch edits for a retouch graph: rows and slots, one mask per latent level (what
+    the runtime passes), and map weights on one token per element; (swap, maps) for `unet_feed`."""
+    from pidrt.models.adapters import layer_level
+    from pidrt.models.retouch import SubjectMaps, SwapLayer
+
+    g = torch.Generator().manual_seed(seed)
+    env = axis_env(batch, height, width, spec.levels)
+    masks: dict[int, torch.Tensor] = {}
+    swap = {}
+    for index, name in spec.retouch_layers:
+        level = layer_level(name, spec.levels)
+        n, c = env[f"tokens_{level}"], spec.input(f"swap_k_{index}").dims[2]
+        masks.setdefault(level, torch.rand(batch, n, generator=g))
+        sources = [torch.randint(0, 2 * batch, (batch,), generator=g) for _ in range(2)]
+        slots = [torch.randn(batch, n, c, generator=g) * 0.5 for _ in range(3)]
+        swap[name] = SwapLayer(*sources, masks[level], *slots)
+    weights = torch.zeros(batch, spec.input("map_weights").dims[1])
+    weights[torch.arange(batch), torch.randint(1, weights.shape[1], (batch,), generator=g)] = 1.0
+    return swap, SubjectMaps(weights, frozenset(name for _, name in spec.map_layers))
+

@@ -114,6 +114,10 @@ class ModelSpec:
     n_tokens: int = 0  # few-token branch tokens per head (SCA/IP)
     opset: int = OPSET
     plugins: bool = False  # identity branches as TensorRT plugin nodes (export/plugin_nodes.py)
+    # Layout-and-Retouch (export/retouch_io.py): (processor index, name) of the self-attention
+    # layers whose K/V swap and blend are inputs, and of the cross layers whose maps are outputs.
+    retouch_layers: tuple[tuple[int, str], ...] = ()
+    map_layers: tuple[tuple[int, str], ...] = ()
 
     @property
     def input_names(self) -> list[str]:
@@ -166,11 +170,14 @@ class ModelSpec:
             profiles=tuple(Profile(*(tuple(p[k]) for k in ("batch", "height", "width"))) for p in d["profiles"]),
             levels=d["levels"], identity_layers=tuple((int(i), str(n)) for i, n in d["identity_layers"]),
             n_tokens=d["n_tokens"], opset=d["opset"], plugins=bool(d.get("plugins", False)),
+            retouch_layers=tuple((int(i), str(n)) for i, n in d.get("retouch_layers", ())),
+            map_layers=tuple((int(i), str(n)) for i, n in d.get("map_layers", ())),
         )
 
 
-def graph_name(kind: str, method: str, dtype: str, plugins: bool = False) -> str:
-    parts = [kind] + ([method] if kind == "unet" else []) + ["fp16" if dtype == "float16" else "fp32"]
+def graph_name(kind: str, method: str, dtype: str, plugins: bool = False, retouch: bool = False) -> str:
+    parts = [kind] + ([method] if kind == "unet" else []) + (["retouch"] if retouch else [])
+    parts.append("fp16" if dtype == "float16" else "fp32")
     return "_".join(parts + (["plugins"] if plugins else []))
 
 
@@ -183,10 +190,12 @@ def _check(method: str, dtype: str) -> None:
 
 def unet_spec(preset: Preset, layers: Sequence[LayerInfo], method: str = "none", dtype: str = "float32",
               n_tokens: int = 4, eaa_cross_tokens: int | None = None, profiles: tuple[Profile, ...] | None = None,
-              plugins: bool = False) -> ModelSpec:
+              plugins: bool = False, retouch_blocks: tuple[int, int] | None = None, map_level: int = 2) -> ModelSpec:
     """The UNet graph of one identity method (the input contract is in docs/engines.md).
 
     plugins: the branches as TensorRT plugin nodes; same inputs and outputs (a base UNet has none).
+    retouch_blocks: (start, end) transformer blocks whose self-attention swap and blend are
+    inputs, plus the subject maps at `map_level` as a second output (export/retouch_io.py).
     """
     _check(method, dtype)
     plugins = plugins and method != "none"
@@ -218,12 +227,23 @@ def unet_spec(preset: Preset, layers: Sequence[LayerInfo], method: str = "none",
             m: Dim = f"tokens_{layer_level(layer.name, levels)}" if layer.kind == "self" else eaa_cross_tokens
             inputs += [TensorSpec(f"k_{layer.index}", dtype, ("batch", m, layer.channels)),
                        TensorSpec(f"v_{layer.index}", dtype, ("batch", m, layer.channels))]
+    outputs = [TensorSpec("noise_pred", dtype, ("batch", u.out_channels, "height", "width"))]
+    edited, mapped = [], []
+    if retouch_blocks is not None:
+        from pidrt.export import retouch_io
+
+        edited = retouch_io.retouch_layers(layers, retouch_blocks)
+        mapped = retouch_io.subject_map_layers(layers, map_level, levels)
+        more_in, more_out = retouch_io.spec_tensors(edited, mapped, levels, dtype, preset.text.max_position_embeddings)
+        inputs += more_in
+        outputs += more_out
     return ModelSpec(
-        name=graph_name("unet", method, dtype, plugins), kind="unet", method=method, dtype=dtype, inputs=tuple(inputs),
-        outputs=(TensorSpec("noise_pred", dtype, ("batch", u.out_channels, "height", "width")),),
-        profiles=profiles or default_profiles(preset), levels=levels,
+        name=graph_name("unet", method, dtype, plugins, bool(edited)), kind="unet", method=method, dtype=dtype,
+        inputs=tuple(inputs), outputs=tuple(outputs), profiles=profiles or default_profiles(preset), levels=levels,
         identity_layers=tuple((layer.index, layer.name) for layer in chosen),
         n_tokens=n_tokens if method in ("sca", "ip") else 0, plugins=plugins,
+        retouch_layers=tuple((layer.index, layer.name) for layer in edited),
+        map_layers=tuple((layer.index, layer.name) for layer in mapped),
     )
 
 
@@ -271,13 +291,15 @@ class SpecOptions:
     eaa_cross_tokens: int | None = None  # s_c of the EAA adapter; None: 16 for tiny, 256 (the paper's) else
     profiles: tuple[Profile, ...] | None = None
     plugins: bool = False  # UNet identity branches as TensorRT plugin nodes (export/plugin_nodes.py)
+    # Layout-and-Retouch inputs for these transformer blocks (MasaCtrl's default: (10, 16)); None: none.
+    retouch_blocks: tuple[int, int] | None = None
 
 
 def model_spec(kind: str, preset: Preset, layers: Sequence[LayerInfo], method: str, dtype: str,
                options: SpecOptions = SpecOptions()) -> ModelSpec:
     if kind == "unet":
         return unet_spec(preset, layers, method, dtype, options.n_tokens, options.eaa_cross_tokens, options.profiles,
-                         options.plugins)
+                         options.plugins, options.retouch_blocks)
     makers = {"text_encoder": text_encoder_spec, "vae_decoder": vae_decoder_spec, "vae_encoder": vae_encoder_spec}
     if kind not in makers:
         raise PidrtError(f"unknown graph kind {kind!r}; choose from {KINDS}")

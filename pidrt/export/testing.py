@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from pidrt.export.commands import ExportOptions, export_models
+from pidrt.export.specs import SpecOptions
 
 _ROOT: list[Path] = []
 
@@ -25,9 +26,13 @@ def _root() -> Path:
 
 
 def tiny_export(method: str = "none", fp16: bool = False, kinds: tuple[str, ...] = ("unet",),
-                seed: int = 0, preset: str = "tiny") -> Path:
+                seed: int = 0, preset: str = "tiny", retouch_blocks: tuple[int, int] | None = None) -> Path:
     """The folder holding the tiny `kinds` graphs (UNets of every method requested so far);
-    preset "tiny-inpainting" for the 9-channel UNet."""
-    out = _root() / f"{preset}-seed{seed}-{'fp16' if fp16 else 'fp32'}"
-    export_models(preset, method, out, fp16, ExportOptions(kinds=kinds, seed=seed))
+    preset "tiny-inpainting" for the 9-channel UNet.
+
+    retouch_blocks: UNets with retouch inputs, in a folder of their own (one UNet per method there).
+    """
+    out = _root() / f"{preset}-seed{seed}-{'fp16' if fp16 else 'fp32'}{'-retouch' if retouch_blocks else ''}"
+    export_models(preset, method, out, fp16,
+                  ExportOptions(kinds=kinds, seed=seed, spec=SpecOptions(retouch_blocks=retouch_blocks)))
     return out

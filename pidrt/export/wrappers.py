@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pidrt.errors import PidrtError
+from pidrt.export import retouch_io
 from pidrt.export.specs import ModelSpec
 from pidrt.models.attention import EAAKV, FoldedLayer, branch_state
 from pidrt.models.build import Models
@@ -53,9 +54,12 @@ class UNetGraph(nn.Module):
         state.layers = self.payloads(feed)
         state.scale = feed.get("scale")
         state.value_context = feed.get("value_context")  # absent in graphs exported before it existed
+        if self.spec.retouch_layers:
+            state.swap, state.maps = retouch_io.graph_payloads(self.spec, feed)
         try:
-            return self.unet(feed["sample"], feed["timestep"], encoder_hidden_states=feed["encoder_hidden_states"],
-                             return_dict=False)[0]
+            noise = self.unet(feed["sample"], feed["timestep"], encoder_hidden_states=feed["encoder_hidden_states"],
+                              return_dict=False)[0]
+            return (noise, retouch_io.graph_maps(self.spec, state.maps)) if self.spec.retouch_layers else noise
         finally:
             state.clear()
             state.explicit_attention, state.fused = saved

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from pidrt.errors import PidrtError
 from pidrt.models.folded import FoldedBranch, folded_attention
+from pidrt.models.retouch import SubjectMaps, SwapLayer
 
 QuerySource = Literal["z", "x"]
 
@@ -149,6 +150,9 @@ class BranchState:
     value_context: [B, L, D] what every cross layer's `to_v` reads (token identities); None: the
     K context (`encoder_hidden_states`), as in the plain UNet.
     layer_contexts: per-layer K and V contexts; on the layers it names they replace both.
+    swap: self-attention layer name -> Layout-and-Retouch's K/V swap and output blend for this
+    call (`pidrt.models.retouch.SwapLayer`); a missing layer is not edited.
+    maps: when set, the cross layers it names record the subject tokens' attention maps.
     """
 
     scale: torch.Tensor | None = None
@@ -158,12 +162,16 @@ class BranchState:
     fused: FusedOps | None = None
     value_context: torch.Tensor | None = None
     layer_contexts: LayerContexts | None = None
+    swap: dict[str, SwapLayer] = field(default_factory=dict)
+    maps: SubjectMaps | None = None
 
     def clear(self) -> None:
         self.scale = None
         self.layers = {}
         self.value_context = None
         self.layer_contexts = None
+        self.swap = {}
+        self.maps = None
 
     def cross_contexts(self, layer: str, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K context, V context) of cross layer `layer`, given the UNet's `encoder_hidden_states`."""
@@ -203,6 +211,11 @@ class IdentityAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if attention_mask is not None:
             raise PidrtError("pidrt's SD1.5 attention does not take attention masks")
+        edit = self.state.swap.get(self.layer.name)
+        out = self._attention(attn, hidden_states, encoder_hidden_states, edit)
+        return out if edit is None else edit.blend(out)
+
+    def _attention(self, attn, hidden_states, encoder_hidden_states, edit: SwapLayer | None):
         state = self.state
         x = hidden_states
         if state.record is not None:
@@ -212,6 +225,10 @@ class IdentityAttnProcessor:
             ctx, v_ctx = state.cross_contexts(self.layer.name, ctx)
         heads = attn.heads
         query, key, value = attn.to_q(x), attn.to_k(ctx), attn.to_v(v_ctx)
+        if edit is not None:
+            key, value = edit.swap(key, value)
+        if state.maps is not None:
+            state.maps.add(self.layer.name, query, key, heads)
         payload = state.layers.get(self.layer.name) if state.scale is not None else None
         if isinstance(payload, EAARows):
             payload = payload.to_kv(x)

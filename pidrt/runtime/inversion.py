@@ -10,7 +10,7 @@ step that visits the same point of the schedule, i.e. sampling step T-1-j.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -67,6 +67,17 @@ def invert_and_record(pipe: Pipeline, latents: torch.Tensor, caption: str, steps
         return Inversion(x_t, inv_feats[::-1], steps)
     _, rec_feats = _run(pipe, DDIM(config, steps), x_t, ctx, True, on_call)
     return Inversion(x_t, rec_feats, 2 * steps)
+
+
+def ddim_invert(pipe: Pipeline, latents: torch.Tensor, prompts: Sequence[str], steps: int) -> torch.Tensor:
+    """x_0 -> x_T by DDIM inversion with guidance 1, one prompt per latent, no recording: T UNet calls."""
+    if len(prompts) != latents.shape[0]:
+        raise PidrtError(f"{len(prompts)} prompts for {latents.shape[0]} latents")
+    ctx = pipe.encode_text(list(prompts))
+    pipe.state.clear()
+    x_t, _ = _run(pipe, DDIMInverse(pipe.models.preset.scheduler, steps), latents.to(pipe.device, pipe.dtype), ctx,
+                  False, None)
+    return x_t
 
 
 def eaa_features(adapter: EAAAdapter, pipe: Pipeline, inversion: Inversion, element: int = 0) -> list[StepKV]:

@@ -163,6 +163,8 @@ def test_serve_load_smoke(tmp_path):
     assert torch_run["served"]["images_per_s"] > 0 and torch_run["bare"]["images_per_s"] > 0
     assert torch_run["torch_bytes"] > 0 and torch_run["server_ready_s"] > 0
     assert "| torch |" in (out / "serve_load.md").read_text()
+
+
 def _session_dry_run(tmp_path, *args) -> tuple[list[tuple[str, int]], dict[str, str]]:
     """gpu_session.sh with DRY_RUN=1: ([(stage, limit s)], {stage: the timeout command it would run})."""
     import re
@@ -199,3 +201,19 @@ def test_gpu_session_stages_fit_the_lease(tmp_path):
     for extra in ("tuning", "served"):
         stages, _ = _session_dry_run(tmp_path, extra)
         assert sum(limit for _, limit in stages) < 560, extra
+
+
+@pytest.mark.slow  # nine tiny retouches and generations: ~30 s on 2 busy cores
+def test_bench_retouch_smoke(tmp_path, capsys):
+    bench = _bench("bench_retouch")
+    assert bench.main(["--out", str(tmp_path / "x"), "--device", "cpu"]) == 2  # sd15 on CPU
+    assert "--preset tiny --device cpu" in capsys.readouterr().err
+    stem = tmp_path / "r"
+    assert bench.main(["--out", str(stem), "--preset", "tiny", "--device", "cpu", "--steps", "3", "--images", "1",
+                       "--repeats", "1"]) == 0
+    result = _outputs(stem)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["inversion+rows"]["unet_calls"] == {"stage1": 3, "layout_inversion": 3, "stage2": 3}
+    assert rows["recorded+cached"]["unet_rows"] == {"stage1": 6, "stage2": 6}
+    assert rows["inversion+cached"]["vs_paper"]["max_abs"] < 1e-3  # the cache serves the same K/V
+

@@ -26,6 +26,7 @@ from pidrt.models.branches import IPIdentity, SCAIdentity, eaa_payloads, few_tok
 from pidrt.models.build import build_random
 from pidrt.models.folded import FoldedBranch
 from pidrt.models.presets import SD15, TINY
+from pidrt.models.retouch import SwapLayer
 from pidrt.runtime.conditioning import EAACondition, FewTokenCondition, FoldedCondition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 
@@ -157,6 +158,10 @@ def test_bucket_key_is_the_structure_not_the_values():
     tokens.value_context = torch.zeros(2, 77, 8)  # read from the state, not a static slot: eager
     with pytest.raises(NotGraphable, match="token-identity contexts"):
         key(tokens)
+    retouch = state_with({})
+    retouch.swap = {"l1": SwapLayer(torch.arange(2), torch.arange(2))}  # indices change every step
+    with pytest.raises(NotGraphable, match="Retouch"):
+        key(retouch)
 
 
 # ---------------------------------------------------------------- static buffers, fake graph
