@@ -138,7 +138,7 @@ class DiffusersBaseline:
             sync(device)
             timings["text_encode_s"] = time.perf_counter() - start
             scale_f = pipe.models.preset.latent_scale
-            shape = (pipe.models.unet.config.in_channels, sampling.height // scale_f, sampling.width // scale_f)
+            shape = (pipe.models.preset.vae.latent_channels, sampling.height // scale_f, sampling.width // scale_f)
             latents = initial_noise([s.seed for s in specs], shape, pipe.dtype, device)
             kwargs = {}
             if method == "ip":

@@ -103,7 +103,7 @@ def latent_mask(repaint: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def is_inpainting_unet(pipe) -> bool:
-    latent_ch, unet_ch = pipe.models.vae.config.latent_channels, pipe.models.unet.config.in_channels
+    latent_ch, unet_ch = pipe.models.preset.vae.latent_channels, pipe.models.unet.config.in_channels
     if unet_ch not in (latent_ch, 2 * latent_ch + 1):
         raise PidrtError(f"a UNet with {unet_ch} input channels is neither a base ({latent_ch}) nor an "
                          f"inpainting ({2 * latent_ch + 1}) UNet")

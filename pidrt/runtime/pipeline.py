@@ -127,7 +127,7 @@ class Pipeline:
         clock = time.perf_counter()
         sched = make_scheduler(config.scheduler, self.models.preset.scheduler, config.steps)
         scale_f = self.models.preset.latent_scale
-        shape = (self.models.vae.config.latent_channels, config.height // scale_f, config.width // scale_f)
+        shape = (self.models.preset.vae.latent_channels, config.height // scale_f, config.width // scale_f)
         plan = EditPlan(self, sched, [s.edit for s in specs],
                         initial_noise([s.seed for s in specs], shape, self.dtype, self.device))
         x = plan.x
