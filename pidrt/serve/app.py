@@ -105,7 +105,10 @@ def serve_main(config: ServeConfig, generator: Generator | None = None) -> int:
         from pidrt.serve.factory import build_generator
         from pidrt.serve.startup import StartingEngine
 
+        from pidrt.identity.store import IdentityStore
+
         preflight(config.backend, config.runtime.device)
+        IdentityStore(config.store)  # a bad store path fails now, not in the start-up thread
         engine = StartingEngine(lambda on_stage: build_generator(config.store, config.runtime, config.generator,
                                                                  config.backend, on_stage=on_stage),
                                 backend=config.backend.backend)
