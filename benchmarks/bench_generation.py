@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from pidrt.models.attention import attention_layers
     from pidrt.models.build import build_random
     from pidrt.models.presets import get_preset
-    from pidrt.runtime.conditioning import ScaleSchedule
+    from pidrt.models.conditions import ScaleSchedule
     from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig, initial_noise
 
     torch.manual_seed(args.seed)
@@ -276,7 +276,7 @@ def _pidrt_step(pipe, sampling, prompt, seed, cond, scale) -> int:
     taken with them off (the same maths)."""
     import dataclasses
 
-    from pidrt.runtime.conditioning import ScaleSchedule
+    from pidrt.models.conditions import ScaleSchedule
     from pidrt.runtime.pipeline import ImageSpec, Pipeline
 
     counted = []

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from pidrt.models.build import build_random
     from pidrt.models.presets import get_preset
     from pidrt.models.retouch import RetouchConfig, swap_layers
-    from pidrt.runtime.conditioning import ScaleSchedule
+    from pidrt.models.conditions import ScaleSchedule
     from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
     from pidrt.runtime.retouch import RetouchOptions, RetouchSpec, reference_path, retouch
 

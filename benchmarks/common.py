@@ -221,7 +221,7 @@ def few_token_conditions(models, layers, seed: int, ip_embed_dim: int = 1024):
     """
     from pidrt.models.adapters import IPAdapterWeights, SCAAdapter
     from pidrt.models.branches import IPIdentity, SCAIdentity, few_token_payloads, folded_of
-    from pidrt.runtime.conditioning import FoldedCondition
+    from pidrt.models.conditions import FoldedCondition
 
     dim = models.preset.unet.cross_attention_dim
     gen = torch.Generator().manual_seed(seed)

@@ -29,7 +29,7 @@ def test_there_are_snippets():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("code", snippets())
+@pytest.mark.parametrize("code", list(snippets()))
 def test_snippet_runs(code, request, tmp_path, monkeypatch):
     from pidrt.runtime.demo import sample_face_photo
 

@@ -20,7 +20,7 @@ import torch
 from pidrt.errors import PidrtError
 from pidrt.identity.enroll import Encoders, Enroller, EnrollOptions
 from pidrt.identity.store import IdentityStore
-from pidrt.runtime.conditioning import Condition, ScaleSchedule
+from pidrt.models.conditions import Condition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, Pipeline
 
 

@@ -19,7 +19,7 @@ from pidrt.engines.options import Bucket, Buckets
 from pidrt.export.specs import ModelSpec, axis_env, resolve
 from pidrt.export.wrappers import QUERY
 from pidrt.models.folded import FoldedBranch
-from pidrt.runtime.conditioning import EAACondition, FoldedCondition, ScaleSchedule
+from pidrt.models.conditions import EAACondition, FoldedCondition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 
 WARMUP_GUIDANCE = 7.5  # CFG on: the UNet batch is twice the bucket's, as in a served request

@@ -13,7 +13,7 @@ import torch
 from pidrt.errors import FormatError
 from pidrt.models.attention import LayerInfo
 from pidrt.models.folded import FoldedBranch
-from pidrt.runtime.conditioning import EAACondition, FoldedCondition, StepKV
+from pidrt.models.conditions import EAACondition, FoldedCondition, StepKV
 
 
 def folded_to_tensors(cond: FoldedCondition, layers: list[LayerInfo],

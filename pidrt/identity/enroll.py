@@ -37,7 +37,7 @@ from pidrt.identity.store import (
 from pidrt.models.adapters import EAAAdapter, IPAdapterWeights, SCAAdapter
 from pidrt.models.branches import IPIdentity, SCAIdentity, few_token_payloads
 from pidrt.models.image_proj import MLPProjModel
-from pidrt.runtime.conditioning import Condition, FoldedCondition
+from pidrt.models.conditions import Condition, FoldedCondition
 from pidrt.runtime.inversion import eaa_features, invert_and_record
 from pidrt.runtime.pipeline import Pipeline
 

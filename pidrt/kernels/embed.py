@@ -42,11 +42,24 @@ class Job:
     def launch(self):
         import torch
 
-        from pidrt.kernels.catalog import variants
-        from pidrt.models.presets import get_preset
+        variant = next(v for v in _plugin_variants(self.preset) if v.label == self.label)
+        return variant, variant.build(getattr(torch, self.dtype))
 
-        variant = next(v for v in variants(get_preset(self.preset)) if v.label == self.label)
-        return variant, variant.launch(getattr(torch, self.dtype))
+
+def _embeds(variant, dtype: str) -> bool:
+    """Whether the library holds `variant` in `dtype`: the dtypes its plan runs in, and bf16 wherever
+    fp16 runs (TensorRT's plugins take no bf16, but C callers do; a bf16 plan tiles as fp16's)."""
+    runs = {str(d).removeprefix("torch.") for d in variant.dtypes}
+    return dtype in runs or (dtype == "bfloat16" and "float16" in runs)
+
+
+def _plugin_variants(preset: str) -> list:
+    """The launch plans of `preset` that the library embeds: the TensorRT plugins' (the JIT forms
+    are what Triton's own launcher compiles at run time; the catalog checks them apart)."""
+    from pidrt.kernels.catalog import variants
+    from pidrt.models.presets import get_preset
+
+    return [v for v in variants(get_preset(preset)) if v.form == "plugin"]
 
 
 def plan_jobs(presets: list[str], dtypes: list[str], archs: list[int], only: list[str] | None = None) -> list[Job]:
@@ -54,13 +67,10 @@ def plan_jobs(presets: list[str], dtypes: list[str], archs: list[int], only: lis
 
     `only` keeps the variants with these labels (e.g. "dual_kv d=40"), for a smaller library.
     """
-    from pidrt.kernels.catalog import variants
-    from pidrt.models.presets import get_preset
-
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise PidrtError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    labels = {v.label for preset in presets for v in variants(get_preset(preset))}
+    labels = {v.label for preset in presets for v in _plugin_variants(preset)}
     unknown = sorted(set(only or ()) - labels)
     if unknown:
         raise PidrtError(f"no variants {unknown} in presets {presets}; they have {sorted(labels)}")
@@ -68,8 +78,8 @@ def plan_jobs(presets: list[str], dtypes: list[str], archs: list[int], only: lis
     for arch in archs:
         for dtype in dtypes:
             for preset in presets:
-                for variant in variants(get_preset(preset)):
-                    if only and variant.label not in only:
+                for variant in _plugin_variants(preset):
+                    if (only and variant.label not in only) or not _embeds(variant, dtype):
                         continue
                     job = Job(arch, dtype, preset, variant.label)
                     constants = sorted((k, repr(v)) for k, v in job.launch()[1].constexprs.items())

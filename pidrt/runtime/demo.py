@@ -26,7 +26,7 @@ from pidrt.identity.faces import load_image
 from pidrt.identity.store import IdentityStore
 from pidrt.models.branches import IPIdentity, SCAIdentity, few_token_payloads
 from pidrt.models.presets import TINY
-from pidrt.runtime.conditioning import ScaleSchedule
+from pidrt.models.conditions import ScaleSchedule
 from pidrt.runtime.encoding import encode_image
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 from pidrt.runtime.requests import method_scales

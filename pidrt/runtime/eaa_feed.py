@@ -19,7 +19,7 @@ import torch
 from pidrt.errors import PidrtError
 from pidrt.models.attention import EAARows, LayerInfo, Payload
 from pidrt.models.branches import eaa_payloads
-from pidrt.runtime.conditioning import EAACondition
+from pidrt.models.conditions import EAACondition
 from pidrt.runtime.schedulers import DDIM
 
 PLACEMENTS = ("resident", "streamed", "recompute")

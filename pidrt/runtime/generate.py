@@ -48,7 +48,8 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, help="identity strength (default: the method's paper default, SCA 0.4, "
                                                "EAA 0.8, IP-Adapter 1.0, or the adapter file's)")
     p.add_argument("--scale-start", type=nonnegative_int, default=0, help="first step the identity branch acts on")
-    p.add_argument("--steps", type=positive_int,
+    # Range checked by the request, so the CLI and the HTTP API answer a bad count alike.
+    p.add_argument("--steps", type=int,
                    help="sampling steps (default: 30; an EAA identity's recorded count; --face --method eaa: 50)")
     p.add_argument("--guidance", type=positive_float, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--seed", type=int, help="image i gets seed + i (default: random, written to the files)")

@@ -43,7 +43,7 @@ import torch
 
 from pidrt.errors import PidrtError
 from pidrt.runtime.batching import BatchQueue, Entry, QueueClosed, QueueFull
-from pidrt.runtime.conditioning import EAACondition, ScaleSchedule
+from pidrt.models.conditions import EAACondition, ScaleSchedule
 from pidrt.runtime.encoding import encode_image
 from pidrt.runtime.jobs import Job
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig

@@ -17,7 +17,7 @@ import torch
 from pidrt.errors import PidrtError
 from pidrt.models.adapters import EAAAdapter
 from pidrt.models.branches import project_eaa
-from pidrt.runtime.conditioning import StepKV
+from pidrt.models.conditions import StepKV
 from pidrt.runtime.edits import is_inpainting_unet, repaint_everything
 from pidrt.runtime.pipeline import Pipeline
 from pidrt.runtime.schedulers import DDIM, DDIMInverse

@@ -22,7 +22,7 @@ from pidrt.models.branches import few_token_payloads
 from pidrt.models.build import Models
 from pidrt.models.folded import stack_folded
 from pidrt.models.tokens import TextKey, TokenIdentity, encode_texts
-from pidrt.runtime.conditioning import Condition, FewTokenCondition, FoldedCondition, ScaleSchedule
+from pidrt.models.conditions import Condition, FewTokenCondition, FoldedCondition, ScaleSchedule
 from pidrt.runtime.contexts import plan_contexts
 from pidrt.runtime.eaa_feed import make_feed
 from pidrt.runtime.edits import Edit, EditPlan

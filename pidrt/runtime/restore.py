@@ -28,7 +28,7 @@ from PIL import Image
 from pidrt.errors import PidrtError
 from pidrt.identity import faces
 from pidrt.identity.align import align_ffhq, apply_affine, ffhq_matrix, warp_affine
-from pidrt.runtime.conditioning import Condition, ScaleSchedule
+from pidrt.models.conditions import Condition, ScaleSchedule
 from pidrt.runtime.edits import Edit
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 

@@ -24,7 +24,7 @@ from pidrt.export.specs import unet_spec
 from pidrt.models.adapters import IPAdapterWeights, SCAAdapter
 from pidrt.models.branches import IPIdentity, SCAIdentity
 from pidrt.models.presets import TINY
-from pidrt.runtime.conditioning import EAACondition, FewTokenCondition, ScaleSchedule
+from pidrt.models.conditions import EAACondition, FewTokenCondition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.requests import GeneratorConfig, InvalidRequest, resolve_request, GenerationRequest
 from pidrt.runtime.setup import RuntimeOptions, build_runtime

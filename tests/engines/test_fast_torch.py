@@ -27,7 +27,7 @@ from pidrt.models.build import build_random
 from pidrt.models.folded import FoldedBranch
 from pidrt.models.presets import SD15, TINY
 from pidrt.models.retouch import SwapLayer
-from pidrt.runtime.conditioning import EAACondition, FewTokenCondition, FoldedCondition, ScaleSchedule
+from pidrt.models.conditions import EAACondition, FewTokenCondition, FoldedCondition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,7 +8,7 @@ import torch
 from pidrt.errors import PidrtError
 from pidrt.identity.enroll import Enroller, EnrollOptions
 from pidrt.identity.store import IdentityStore
-from pidrt.runtime.conditioning import EAACondition, FoldedCondition, ScaleSchedule
+from pidrt.models.conditions import EAACondition, FoldedCondition, ScaleSchedule
 from pidrt.runtime.demo import sample_face_photo
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.setup import RuntimeOptions, build_encoders
@@ -44,7 +44,7 @@ def test_enroll_each_method_then_generate(enroller, photo, method):
 def test_folded_artifact_equals_enrolling_adapter_path(enroller, photo):
     """The stored A/B reproduce the branch built from the adapter and the stored tokens."""
     from pidrt.models.branches import SCAIdentity
-    from pidrt.runtime.conditioning import FewTokenCondition
+    from pidrt.models.conditions import FewTokenCondition
 
     ident = enroller.enroll([photo], EnrollOptions("sca", steps=STEPS)).identity_id
     tensors, _ = enroller.store.get(ident)
@@ -62,7 +62,7 @@ def test_post_out_sca_artifact_equals_unfolded_reference(enroller, photo):
 
     from pidrt.models.adapters import SCAAdapter
     from pidrt.models.branches import SCAIdentity
-    from pidrt.runtime.conditioning import FewTokenCondition
+    from pidrt.models.conditions import FewTokenCondition
 
     adapter = SCAAdapter.random(enroller.pipe.layers, 32, seed=5, residual="post_out")
     post = Enroller(enroller.pipe, enroller.store, dataclasses.replace(enroller.encoders, sca=adapter))

@@ -15,7 +15,7 @@ from pidrt.models.adapters import SCAAdapter
 from pidrt.models.branches import SCAIdentity
 from pidrt.models.build import build_random
 from pidrt.models.presets import TINY
-from pidrt.runtime.conditioning import FewTokenCondition, ScaleSchedule
+from pidrt.models.conditions import FewTokenCondition, ScaleSchedule
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 
 

@@ -17,7 +17,7 @@ import torch
 
 from pidrt.models.build import build_random
 from pidrt.models.presets import TINY
-from pidrt.runtime.conditioning import EAACondition, ScaleSchedule
+from pidrt.models.conditions import EAACondition, ScaleSchedule
 from pidrt.runtime.eaa_feed import CachedFeed
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 

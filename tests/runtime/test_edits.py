@@ -11,7 +11,7 @@ from pidrt.errors import PidrtError
 from pidrt.models.adapters import EAAAdapter
 from pidrt.models.build import build_random
 from pidrt.models.presets import TINY_INPAINTING
-from pidrt.runtime.conditioning import EAACondition, ScaleSchedule
+from pidrt.models.conditions import EAACondition, ScaleSchedule
 from pidrt.runtime.edits import Edit, EditPlan, latent_mask, start_step
 from pidrt.runtime.inversion import eaa_features, invert_and_record
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig

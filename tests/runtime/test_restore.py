@@ -14,7 +14,7 @@ from pidrt.identity.align import apply_affine
 from pidrt.models.adapters import SCAAdapter
 from pidrt.models.branches import SCAIdentity
 from pidrt.models.presets import TINY
-from pidrt.runtime.conditioning import FewTokenCondition, ScaleSchedule
+from pidrt.models.conditions import FewTokenCondition, ScaleSchedule
 from pidrt.runtime.pipeline import SamplingConfig
 from pidrt.runtime.restore import RestoreOptions, paste_back, prepare_face, restore_face, to_uint8
 

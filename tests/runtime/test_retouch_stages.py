@@ -23,7 +23,7 @@ from pidrt.models.branches import SCAIdentity
 from pidrt.models.build import build_random
 from pidrt.models.presets import TINY
 from pidrt.models.retouch import MaskConfig, RetouchConfig, SwapLayer, swap_layers
-from pidrt.runtime.conditioning import FewTokenCondition, ScaleSchedule
+from pidrt.models.conditions import FewTokenCondition, ScaleSchedule
 from pidrt.runtime.inversion import ddim_invert
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.retouch import RetouchOptions, RetouchSpec, reference_path, retouch

@@ -13,7 +13,7 @@ from pidrt.models.adapters import EAAAdapter, SCAAdapter
 from pidrt.models.branches import SCAIdentity
 from pidrt.models.presets import TINY
 from pidrt.models.tokens import TokenIdentity, TokenText
-from pidrt.runtime.conditioning import EAACondition, FewTokenCondition, ScaleSchedule
+from pidrt.models.conditions import EAACondition, FewTokenCondition, ScaleSchedule
 from pidrt.runtime.inversion import eaa_features, invert_and_record
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.text_cache import TextEmbeddingCache
