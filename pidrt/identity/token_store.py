@@ -70,7 +70,7 @@ def import_token_bytes(store: IdentityStore, data: bytes, name: str, base_finger
     # Only the stem is kept, reduced to safe characters: the name must not choose a path.
     stem = re.sub(r"[^\w<>.+-]", "_", Path(str(name).replace("\\", "/")).stem)[:64].strip(".") or "tokens"
     with tempfile.TemporaryDirectory(prefix="pidrt-tokens-") as tmp:
-        path = Path(tmp) / f"{stem}{sniff_suffix(bytes(data[:16]))}"
+        path = Path(tmp) / f"{stem}{sniff_suffix(data)}"
         path.write_bytes(data)
         try:
             return import_tokens(store, path, base_fingerprint, text_dim, placeholder)

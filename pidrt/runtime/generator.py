@@ -214,7 +214,7 @@ class Generator:
         if self._closed:
             raise GeneratorClosed("the generator is shutting down")
         if method == "tokens":  # one token file (pidrt.identity.token_store); the options a face needs do not apply
-            return enroll_tokens(enroller, images, **options)
+            return enroll_tokens(enroller, images, steps=steps, **options)
         if method not in METHODS:
             raise InvalidRequest(f"unknown method {method!r}; choose one of {list(METHODS) + ['tokens']}")
         steps = self.config.defaults.steps if steps is None else steps
