@@ -6,7 +6,7 @@ token layout (`token_files.to_tensors`: tensors `keys`, `values`, metadata `plac
 integrity (payload and metadata hashes verified on every load), so an edited entry is reported
 as corrupt and never served.
 
-Its key hashes the identity's content (tensors and metadata), not the file's bytes: the same
+Its key hashes the identity's content (tensors and metadata but its name), not the file's bytes: the same
 embedding imported from a diffusers, an A1111 or a pidrt file is one entry. The key also names
 the base model being served (like every identity's key), since the tokens are checked against
 its text encoder when they are enrolled.
@@ -32,6 +32,7 @@ MAX_FILE_BYTES = 64 * 1024 * 1024  # an embedding is kilobytes; anything near th
 
 def token_key(identity: TokenIdentity, base_fingerprint: str) -> IdentityKey:
     tensors, meta = to_tensors(identity)
+    meta.pop("name")  # a label: the same tokens under two names are one identity (the first name is kept)
     content = json.dumps([fingerprint_tensors(tensors), meta], sort_keys=True).encode()
     return IdentityKey.make([content], METHOD, base_fingerprint, NO_ADAPTER)
 
