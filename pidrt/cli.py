@@ -59,8 +59,10 @@ def _enroll_tokens(a: argparse.Namespace) -> int:
     from pidrt.identity.store import IdentityStore
     from pidrt.runtime.setup import build_runtime
 
-    if not a.tokens.is_file():
-        raise PidrtError(f"{a.tokens}: no such token file")
+    from pidrt.identity.token_files import load_tokens
+    from pidrt.models.presets import get_preset
+
+    load_tokens(a.tokens, get_preset(a.preset).text.hidden_size, a.placeholder)  # a bad file fails before models load
     store = IdentityStore(a.store)
     pipe, encoders = build_runtime(runtime_options_from_args(a))  # the text encoder's width, the base model
     result = Enroller(pipe, store, encoders).enroll_tokens(a.tokens.read_bytes(), str(a.tokens), a.placeholder)
