@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 
 import torch
-from safetensors.torch import save
 
 from pidrt.models.presets import TINY
 
