@@ -259,6 +259,16 @@ class Generator:
             raise InvalidRequest(f"EAA identity {r.identity} was enrolled at {ident.resolution}x{ident.resolution}; "
                                  f"this request asks for {r.width}x{r.height}")
 
+    def _tokens(self, r: ResolvedRequest):
+        """The request's TokenIdentity (None without one), checked with its prompt against this
+        model and backend (pidrt.runtime.token_requests)."""
+        tokens = self.identity(r.tokens).condition if r.tokens is not None else None
+        cross = [layer.name for layer in getattr(self.pipe, "layers", ()) if layer.kind == "cross"]
+        admit_tokens(r.prompt, tokens, r.tokens, text_dim=self.preset.text.hidden_size, cross_layers=cross,
+                     base_model=lambda: self._require_store().base_fingerprint(),
+                     layers_refusal=getattr(self.pipe, "layer_contexts_unavailable", None))
+        return tokens
+
     def submit(self, request: GenerationRequest | ResolvedRequest,
                on_event: Callable[[Event], None] | None = None) -> Job:
         """Validate and enqueue; returns at once. Raises InvalidRequest, UnknownIdentityError,
@@ -274,11 +284,7 @@ class Generator:
                 ident = self.identity(r.identity)
                 self._check_identity(r, ident)
                 condition = ident.condition if ident.condition is not None else self._require_store().condition(r.identity)
-            tokens = self.identity(r.tokens).condition if r.tokens is not None else None
-            admit_tokens(r.prompt, tokens, r.tokens, text_dim=self.preset.text.hidden_size,
-                         cross_layers=[layer.name for layer in self.pipe.layers if layer.kind == "cross"],
-                         base_model=lambda: self._require_store().base_fingerprint(),
-                         layers_refusal=getattr(self.pipe, "layer_contexts_unavailable", None))
+            tokens = self._tokens(r)
             job = Job(self, r, condition, on_event, tokens)
             job.entry = Entry(r.batch_key, r.method, r.n, job)
             with job._lock:

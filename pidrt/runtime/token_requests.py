@@ -49,7 +49,7 @@ def stray_placeholders(prompt: str, identity: TokenIdentity | None) -> list[str]
 
 
 def admit_tokens(prompt: str, identity: TokenIdentity | None, tokens_id: str | None, *, text_dim: int,
-                 cross_layers: Sequence[str], base_model: Callable[[], str] | None = None,
+                 cross_layers: Sequence[str] | None, base_model: Callable[[], str] | None = None,
                  layers_refusal: str | None = None) -> None:
     """InvalidRequest for a request whose token identity (or its absence) cannot run.
 
