@@ -57,6 +57,10 @@ class EnrollOptions:
     reference_weights: tuple[float, ...] | None = None  # SCA/IP: weighted average of references
     # What errors call each image (file names, upload names); not part of the identity's key.
     names: tuple[str, ...] | None = None
+    # Also record the Layout-and-Retouch reference path (steps, resolution, caption above) of
+    # these transformer blocks; kept beside the identity (pidrt.identity.retouch_reference).
+    retouch: bool = False
+    retouch_blocks: tuple[int, int] = (10, 16)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -90,6 +94,7 @@ class Enrollment:
     created: bool
     seconds: float
     detector: str | None = None  # the face detector(s) that ran when the entry was built
+    retouch_reference: bool | None = None  # retouch=True: whether its reference path was recorded now
 
 
 def base_fingerprint(models) -> str:
@@ -168,7 +173,13 @@ class Enroller:
         clock = time.perf_counter()
         key = self._key(images, opts)
         ident, _, meta, created = self.store.get_or_create(key, lambda: self._build(images, opts))
-        return Enrollment(ident, opts.method, created, time.perf_counter() - clock, meta.get("face_detector"))
+        reference = None
+        if opts.retouch:
+            from pidrt.identity.retouch_reference import record_reference
+
+            reference = record_reference(self, key, images, opts, opts.retouch_blocks)
+        return Enrollment(ident, opts.method, created, time.perf_counter() - clock, meta.get("face_detector"),
+                          reference)
 
     def condition(self, identity_id: str) -> Condition:
         if self.device_cache is None:
@@ -188,6 +199,10 @@ class Enroller:
     def forget(self, identity_id: str) -> None:
         """Drop what is cached of an identity (after it was deleted from the store)."""
         self._meta.pop(identity_id, None)
+        if identity_id not in self.store:  # its retouch reference goes with it
+            from pidrt.identity.retouch_reference import ReferenceStore
+
+            ReferenceStore(self.store).discard(identity_id)
         if self.device_cache is not None:
             self.device_cache.evict(identity_id)
 
