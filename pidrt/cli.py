@@ -84,7 +84,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         source = load_models(a.model, get_preset(a.preset))
     else:
         source = a.preset
-    options = ExportOptions(spec=SpecOptions(plugins=a.trt_plugins))
+    from pidrt.engines.options import retouch_blocks
+
+    options = ExportOptions(spec=SpecOptions(plugins=a.trt_plugins, retouch_blocks=retouch_blocks(a)))
     manifest = export_models(source, a.method, a.out, fp16=a.fp16, options=options)
     print(json.dumps({"manifest": str(manifest)}))
     return 0
@@ -238,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt-plugins", action="store_true",
                    help="UNet identity branches as pidrt TensorRT plugin nodes (fused Triton kernels compiled into "
                         "the engine) instead of plain ops; onnxruntime runs them lowered to plain ops")
+    p.add_argument("--retouch", action="store_true",
+                   help="UNet graph with Layout-and-Retouch inputs (swap, blend, subject maps: docs/retouch.md); "
+                        "it serves plain requests too")
+    p.add_argument("--retouch-blocks", type=int, nargs=2, metavar=("START", "END"), default=None,
+                   help="with --retouch: the transformer blocks whose self-attention it edits (default: 10 16)")
     p.set_defaults(func=cmd_export)
 
     p = _command(sub, "verify", "run exported graphs against the torch reference; exit 1 above tolerance")

@@ -112,3 +112,22 @@ def image_extras(request, out, rows: slice) -> list[dict]:
             layout = encode_image(array, request.output_format, request.quality)
         extras.append({"layout": layout, "unet_calls": dict(calls)})
     return extras
+
+
+def check_backend(request, backend: str, blocks: tuple[int, int] | None, lean: bool) -> None:
+    """InvalidRequest for a retouch the opened backend cannot run (graph backends: their UNet
+    graphs' retouch inputs must cover the plan's layers; the recorded layout path taps torch layers)."""
+    from pidrt.runtime.requests import InvalidRequest
+
+    if backend not in ("ort", "trt"):
+        return
+    c = request.retouch.config
+    if blocks is None:
+        raise InvalidRequest(f"this {backend} server's UNet graphs take no retouch inputs; start it with --retouch "
+                             "to serve mode 'retouch'")
+    if not blocks[0] <= c.start_layer < c.end_layer <= blocks[1]:
+        raise InvalidRequest(f"the retouch edits blocks {c.start_layer}..{c.end_layer - 1}; this server's graphs "
+                             f"edit {blocks[0]}..{blocks[1] - 1}")
+    if request.retouch.options.layout == "recorded" and lean:
+        raise InvalidRequest(f"layout_path 'recorded' taps the torch UNet's layers, which this lean {backend} server "
+                             "does not keep; use layout_path 'inversion' (or start it with --keep-torch-unet)")
