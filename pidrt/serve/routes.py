@@ -92,7 +92,8 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
                      method: str = Form("ip"),
                      steps: Optional[int] = Form(None),
                      caption: Optional[str] = Form(None),
-                     face_policy: Optional[str] = Form(None)):
+                     face_policy: Optional[str] = Form(None),
+                     retouch: bool = Form(False, description="also record the Layout-and-Retouch reference path")):
         if len(images) > cfg.max_upload_images:
             raise UploadError(f"{len(images)} images uploaded; the limit is {cfg.max_upload_images}")
         data, names = [], []
@@ -106,9 +107,9 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
                 raise UploadError(f"{name} is empty")
             data.append(blob)
         out = await service.enroll(data, method, {"caption": caption, "face_policy": face_policy, "steps": steps,
-                                                  "names": tuple(names)})
+                                                  "names": tuple(names), "retouch": retouch or None})
         return {"object": "identity", "id": out["identity_id"], "method": out["method"], "created": out["created"],
-                "seconds": round(out["seconds"], 4)}
+                "seconds": round(out["seconds"], 4), "retouch_reference": out.get("retouch_reference")}
 
     @app.get("/v1/identities")
     async def list_identities():
