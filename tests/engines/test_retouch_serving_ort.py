@@ -11,7 +11,6 @@ is what this checks. The branches on graphs are checked by tests/engines/test_ba
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pidrt.engines.choose import OpenedBackend
 from pidrt.engines.pipeline_adapter import RunnerPipeline
