@@ -40,3 +40,17 @@ def test_retouch_arguments_are_checked_before_models_load(tmp_path, capsys):
                            "--mask", str(tmp_path / "none.png")], "no such mask")]:
         assert main([*ARGS, "--out", str(tmp_path), *extra]) == 2
         assert words in capsys.readouterr().err, words
+
+
+def test_export_retouch_flags(tmp_path, capsys, monkeypatch):
+    import pidrt.export.commands as commands
+
+    seen = {}
+    monkeypatch.setattr(commands, "export_models", lambda source, method, out, fp16, options: seen.setdefault(
+        "blocks", options.spec.retouch_blocks) and out / "manifest.json")
+    assert main(["export", "--out", str(tmp_path), "--retouch"]) == 0 and seen.pop("blocks") == (10, 16)
+    assert main(["export", "--out", str(tmp_path), "--retouch", "--retouch-blocks", "12", "16"]) == 0
+    assert seen["blocks"] == (12, 16)
+    capsys.readouterr()
+    assert main(["export", "--out", str(tmp_path), "--retouch-blocks", "12", "16"]) == 2
+    assert "--retouch-blocks goes with --retouch" in capsys.readouterr().err

@@ -16,7 +16,9 @@ def _png(size: int, value: int) -> str:
     return base64.b64encode(out.getvalue()).decode("ascii")
 
 
-def test_retouch_over_http(app, photos, identities, call):
+def test_retouch_over_http(app, generator, photos, call):
+    plain = generator.enroll([photos[1]], "ip").identity_id  # enrolled without its reference path
+
     async def go(c):
         r = await c.post("/v1/identities", data={"method": "ip", "retouch": "true"},
                          files=[("images", ("face.png", photos[0], "image/png"))])
@@ -33,7 +35,7 @@ def test_retouch_over_http(app, photos, identities, call):
         assert r.json()["request"]["retouch"]["mask"] is True
         for bad, words in [({**body, "retouch": {**body["retouch"], "mask": _png(32, 255)}}, "must be 64x64"),
                            ({**body, "retouch": {**body["retouch"], "mask": "not base64!"}}, "base64"),
-                           ({**body, "identity": identities[1]}, "no cached retouch reference"),
+                           ({**body, "identity": plain}, "no cached retouch reference"),
                            ({**body, "retouch": {"subject": "man", "layout_steps": 99}}, "layout_steps"),
                            ({**body, "retouch": {"subject": "man", "colour": 1}}, "colour")]:
             r = await c.post("/v1/images/generations", json=bad)
