@@ -223,8 +223,8 @@ class Generator:
         options = {k: v for k, v in options.items() if v is not None}
         options.setdefault("detector", self.config.enroll_detector)
         opts = EnrollOptions(method, steps=steps, **options)
-        # EAA inversion drives the UNet's branch state: not while a batch runs.
-        with self._pipe_lock if method == "eaa" else contextlib.nullcontext():
+        # EAA inversion and the retouch's reference path drive the UNet's branch state: not while a batch runs.
+        with self._pipe_lock if method == "eaa" or opts.retouch else contextlib.nullcontext():
             return enroller.enroll(list(images), opts)
 
     def list_identities(self):

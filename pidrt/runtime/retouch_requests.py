@@ -118,10 +118,11 @@ def _config(req: RetouchRequest, steps: int) -> RetouchConfig:
         return given
 
     reference = value("reference_start", req.reference_start, base.reference_start)
-    # Left out: with the reference (RetouchConfig's None), but never before step 1 (the mask
-    # comes from the previous step's maps).
-    blend = value("blend_start", req.blend_start, 0) if req.blend_start is not None else \
-        (None if reference >= 1 else 1)
+    blend = req.blend_start
+    if blend is not None:
+        blend = value("blend_start", blend, 0)
+    elif reference < 1:  # left out: with the reference, but a step's mask needs the step before's maps
+        blend = 1
     config = dataclasses.replace(base, layout_steps=value("layout_steps", req.layout_steps, base.layout_steps),
                                  swap_start=value("swap_start", req.swap_start, base.swap_start),
                                  reference_start=reference, blend_start=blend)
