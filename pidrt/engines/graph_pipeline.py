@@ -77,11 +77,12 @@ def spec_options(encoders, method: str, profiles: tuple[Profile, ...] | None = N
                        retouch_blocks=retouch_blocks)
 
 
-def trt_profiles(buckets, latent_scale: int) -> tuple[Profile, ...]:
-    """One TensorRT profile per bucket resolution: batch 1 .. 2 x its largest bucket (CFG doubles it)."""
+def trt_profiles(buckets, latent_scale: int, rows_per_image: int = 2) -> tuple[Profile, ...]:
+    """One TensorRT profile per bucket resolution: batch 1 .. rows_per_image x its largest bucket
+    (CFG doubles it; a retouch's stage 2 adds the layout path's row: 3)."""
     out = []
     for w, h in buckets.sizes:
-        hi = 2 * max(buckets.batches(w, h))
+        hi = rows_per_image * max(buckets.batches(w, h))
         lh, lw = h // latent_scale, w // latent_scale
         out.append(Profile((1, hi, hi), (lh, lh, lh), (lw, lw, lw)))
     return tuple(out)
@@ -138,7 +139,7 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
         raise PidrtError(f"the {name} backend runs graphs exported in float32 or float16, not {pipe.dtype}; "
                          "pass --dtype float32 or float16")
     models, dtype = pipe.models, "float16" if pipe.dtype == torch.float16 else "float32"
-    profiles = trt_profiles(buckets, models.preset.latent_scale) if name == "trt" else None
+    profiles = trt_profiles(buckets, models.preset.latent_scale, 3 if retouch_blocks else 2) if name == "trt" else None
     device = device_name(pipe.device)
     graphs = [("text_encoder", "none"), ("vae_decoder", "none")] + [("unet", m) for m in methods]
     prints: dict[str, str] = {}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 
 from pidrt.engines.choose import OpenedBackend
+from pidrt.engines.graph_pipeline import trt_profiles
+from pidrt.engines.options import Buckets
 from pidrt.engines.pipeline_adapter import RunnerPipeline
 from pidrt.engines.runners import open_runners
 from pidrt.export.manifest import find_graph
@@ -84,3 +86,6 @@ def test_the_chooser_finds_the_retouch_graph_and_admits_only_what_it_runs(folder
         served.admit(recorded)
     with pytest.raises(InvalidRequest, match="edit 12..15"):
         OpenedBackend("trt", "trt", None, None, ("ip",), {}, retouch_blocks=(12, 16)).admit(r)
+    # TensorRT's profiles hold stage 2's batch: the layout path's rows besides both CFG halves.
+    buckets = Buckets.parse(["1,2@64x64"])
+    assert trt_profiles(buckets, 8)[0].batch == (1, 4, 4) and trt_profiles(buckets, 8, 3)[0].batch == (1, 6, 6)
