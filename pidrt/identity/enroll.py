@@ -43,6 +43,9 @@ from pidrt.runtime.pipeline import Pipeline
 
 METHODS = ("sca", "ip", "eaa")
 _DETECTORS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("pidrt_enroll_detectors", default=None)
+# EAA enrollment's inversion of the first reference, kept for the retouch's reference path (the
+# same trajectory: no second inversion) while an enrollment with retouch=True builds the entry.
+_INVERSIONS: contextvars.ContextVar[list | None] = contextvars.ContextVar("pidrt_enroll_inversions", default=None)
 
 
 @dataclass(frozen=True)
@@ -172,12 +175,18 @@ class Enroller:
             raise PidrtError(refusal)
         clock = time.perf_counter()
         key = self._key(images, opts)
-        ident, _, meta, created = self.store.get_or_create(key, lambda: self._build(images, opts))
-        reference = None
-        if opts.retouch:
-            from pidrt.identity.retouch_reference import record_reference
+        token = _INVERSIONS.set([]) if opts.retouch else None
+        try:
+            ident, _, meta, created = self.store.get_or_create(key, lambda: self._build(images, opts))
+            reference = None
+            if opts.retouch:
+                from pidrt.identity.retouch_reference import record_reference
 
-            reference = record_reference(self, key, images, opts, opts.retouch_blocks)
+                kept = _INVERSIONS.get()
+                reference = record_reference(self, key, images, opts, opts.retouch_blocks, kept[0] if kept else None)
+        finally:
+            if token is not None:
+                _INVERSIONS.reset(token)
         return Enrollment(ident, opts.method, created, time.perf_counter() - clock, meta.get("face_detector"),
                           reference)
 
@@ -293,6 +302,9 @@ class Enroller:
                 x = torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None]
                 inv = invert_and_record(self.pipe, self.pipe.encode_image(x), opts.caption, opts.steps,
                                         opts.record_from, on_call=lambda: bar.update(1))
+                kept = _INVERSIONS.get()
+                if kept is not None and not kept and opts.record_from == "reconstruction":
+                    kept.append(inv)
                 per_reference.append(eaa_features(adapter, self.pipe, inv))
                 latents_t.append(inv.latent_t)
         steps = per_reference[0] if len(per_reference) == 1 else concat_references(per_reference)

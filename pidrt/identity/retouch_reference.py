@@ -109,9 +109,13 @@ class ReferenceStore:
             pass
 
 
-def record_reference(enroller, key: IdentityKey, images: Sequence[bytes], opts, blocks: tuple[int, int]) -> bool:
+def record_reference(enroller, key: IdentityKey, images: Sequence[bytes], opts, blocks: tuple[int, int],
+                     inversion=None) -> bool:
     """Record (or find) the retouch reference of the identity `key` from its first photo's face
-    crop at opts.resolution, with opts.caption over opts.steps steps. Returns whether it was built."""
+    crop at opts.resolution, with opts.caption over opts.steps steps. Returns whether it was built.
+
+    inversion: EAA enrollment's `Inversion` of that crop (reconstruction pass, same caption and
+    steps), whose recorded attn1 inputs are the reference path's: no UNet call here then."""
     import numpy as np
     from PIL import Image
 
@@ -127,10 +131,13 @@ def record_reference(enroller, key: IdentityKey, images: Sequence[bytes], opts, 
     wanted = {"steps": str(opts.steps), "resolution": str(side), "caption": opts.caption, "layers": json.dumps(names)}
 
     def build():
-        crop = enroller._faces(list(images[:1]), opts, "face512")[0]
-        pixels = np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.LANCZOS), np.float32)
-        x = torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None]
-        path = reference_path(pipe, pipe.encode_image(x), opts.caption, opts.steps, names)
+        if inversion is not None:
+            path = reference_path(pipe, None, opts.caption, opts.steps, names, inversion)
+        else:
+            crop = enroller._faces(list(images[:1]), opts, "face512")[0]
+            pixels = np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.LANCZOS), np.float32)
+            x = torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None]
+            path = reference_path(pipe, pipe.encode_image(x), opts.caption, opts.steps, names)
         return to_tensors(path, {layer.name: layer.index for layer in pipe.layers}, side)
 
     return ReferenceStore(enroller.store).ensure(key, wanted, build)

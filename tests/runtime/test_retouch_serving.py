@@ -13,7 +13,7 @@ from pidrt.identity.enroll import Encoders, Enroller, EnrollOptions
 from pidrt.identity.image_encoder import ClipImageEncoder
 from pidrt.identity.retouch_reference import ReferenceStore
 from pidrt.identity.store import IdentityStore
-from pidrt.models.adapters import IPAdapterWeights
+from pidrt.models.adapters import EAAAdapter, IPAdapterWeights
 from pidrt.models.conditions import ScaleSchedule
 from pidrt.models.retouch import swap_layers
 from pidrt.runtime.generator import Generator
@@ -29,7 +29,8 @@ RETOUCH = dict(layout_steps=1, swap_start=1, reference_start=2, blend_start=2)
 @pytest.fixture(scope="module")
 def setup(tiny_pipe, tmp_path_factory, photos):
     L = tiny_pipe.layers
-    enc = Encoders(ip=IPAdapterWeights.random(L, 32, embeddings_dim=64), image_encoder=ClipImageEncoder.random(64))
+    enc = Encoders(ip=IPAdapterWeights.random(L, 32, embeddings_dim=64), image_encoder=ClipImageEncoder.random(64),
+                   eaa=EAAAdapter.random(L, 8, 4, 16))
     enroller = Enroller(tiny_pipe, IdentityStore(tmp_path_factory.mktemp("store")), enc)
     gen = Generator(tiny_pipe, enroller, GeneratorConfig(defaults=Defaults(steps=STEPS, guidance=5.0),
                                                         enroll_detector="haar", max_wait_ms=200))
@@ -45,25 +46,43 @@ def _request(identity, **retouch):
                              retouch=RetouchRequest(**{"subject": "man", **RETOUCH, **retouch}))
 
 
-def test_cached_reference_equals_recomputed(setup, tiny_pipe, photos):
+def _assert_recomputed(cached, tiny_pipe, enroller, photo, names):
+    """The cached path equals the one recorded now from the photo's face crop (inverted, reconstructed)."""
+    import numpy as np
+    from PIL import Image
+
     from pidrt.runtime.retouch import reference_path
 
+    opts = EnrollOptions("ip", steps=STEPS, detector="haar")
+    crop = enroller._faces([photo], opts, "face512")[0]
+    x = torch.from_numpy(np.asarray(Image.fromarray(crop).resize((64, 64), Image.Resampling.LANCZOS),
+                                    np.float32) / 255.0).permute(2, 0, 1)[None]
+    fresh = reference_path(tiny_pipe, tiny_pipe.encode_image(x), opts.caption, STEPS, names)
+    assert torch.allclose(cached.path.latent_t, fresh.latent_t, atol=1e-5)
+    for got, want in zip(cached.path.kv, fresh.kv, strict=True):
+        for n in names:
+            assert torch.allclose(got[n][0], want[n][0], atol=1e-5) and torch.allclose(got[n][1], want[n][1], atol=1e-5)
+
+
+def test_cached_reference_equals_recomputed(setup, tiny_pipe, photos):
     gen, enroller, ident = setup
     cached = ReferenceStore(enroller.store).load(ident, tiny_pipe.layers)
     names = [layer.name for layer in swap_layers(tiny_pipe.layers, gen.resolve(_request(ident)).retouch.config)]
     assert (cached.steps, cached.resolution, list(cached.layers)) == (STEPS, 64, names)
-    # What enrollment recorded: the first photo's face crop, inverted and reconstructed again.
-    import numpy as np
-    from PIL import Image
+    _assert_recomputed(cached, tiny_pipe, enroller, photos[0], names)
 
-    opts = EnrollOptions("ip", steps=STEPS, detector="haar")
-    crop = enroller._faces([photos[0]], opts, "face512")[0]
-    x = torch.from_numpy(np.asarray(Image.fromarray(crop).resize((64, 64), Image.Resampling.LANCZOS),
-                                    np.float32) / 255.0).permute(2, 0, 1)[None]
-    fresh = reference_path(tiny_pipe, tiny_pipe.encode_image(x), opts.caption, STEPS, names)
-    for got, want in zip(cached.path.kv, fresh.kv):
-        for n in names:
-            assert torch.allclose(got[n][0], want[n][0], atol=1e-5) and torch.allclose(got[n][1], want[n][1], atol=1e-5)
+
+def test_eaa_enrollment_lends_its_inversion(setup, tiny_pipe, photos, monkeypatch):
+    gen, enroller, ident = setup
+    calls = []
+    unet = tiny_pipe.unet
+    monkeypatch.setattr(tiny_pipe, "unet", lambda *args: calls.append(1) or unet(*args))
+    eaa = gen.enroll([photos[1]], "eaa", retouch=True, resolution=64)
+    monkeypatch.undo()
+    assert eaa.created and eaa.retouch_reference and len(calls) == 2 * STEPS  # EAA's own 2T calls, no more
+    names = list(ReferenceStore(enroller.store).load(ident, tiny_pipe.layers).layers)
+    _assert_recomputed(ReferenceStore(enroller.store).load(eaa.identity_id, tiny_pipe.layers), tiny_pipe, enroller,
+                       photos[1], names)
 
 
 def test_retouch_through_the_generator_equals_retouch(setup, tiny_pipe):
