@@ -155,7 +155,7 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
             spec = model_spec(kind, models.preset, pipe.layers, method, dtype, options)
             if engines is not None:
                 folders[kind, method] = engines
-                _check_given(engines, kind, method, dtype, prints[kind], spec, options.retouch_blocks)
+                _check_given(engines, kind, method, dtype, prints[kind], spec, retouch_blocks)
                 status = "given"
             else:
                 record = cache_record(name, info, kind, method, spec, options, prints[kind], device)
@@ -165,7 +165,7 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
                     export_models(models, method, folder, dtype == "float16", ExportOptions(kinds=(kind,), spec=options))
                     if name == "trt":
                         stage(f"building the TensorRT engine of {label}")
-                        _build_trt(find_graph(folder, kind, method, dtype, _retouch(kind, options)), profiles)
+                        _build_trt(find_graph(folder, kind, method, dtype, _retouch(kind, retouch_blocks)), profiles)
 
                 stage(f"checking the engine cache for {label}")
                 folders[kind, method], status = cache.get_or_build(f"{name}-{spec.name}", record, build)
@@ -185,8 +185,7 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
             label = f"{kind}:{method}" if kind == "unet" else kind
             stage(f"opening {label}")
             clock = time.perf_counter()
-            entry = find_graph(folders[kind, method], kind, method, dtype,
-                               _retouch(kind, spec_options(None, method, None, retouch_blocks)))
+            entry = find_graph(folders[kind, method], kind, method, dtype, _retouch(kind, retouch_blocks))
             opened[kind, method] = open_graph(entry, name, models, **backend_options)
             report[label]["open_s"] = round(time.perf_counter() - clock, 3)
             bar.update(1)
@@ -196,16 +195,16 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
     return GraphPipeline(models, unets, runners, pipe.device, pipe.dtype, name), report
 
 
-def _retouch(kind: str, options: SpecOptions) -> bool | None:
+def _retouch(kind: str, blocks: tuple[int, int] | None) -> bool | None:
     """find_graph's retouch filter: a UNet with or without retouch inputs; other kinds have none."""
-    return bool(options.retouch_blocks) if kind == "unet" else None
+    return bool(blocks) if kind == "unet" else None
 
 
 def _check_given(folder: Path, kind: str, method: str, dtype: str, weights: str, spec,
                  retouch_blocks: tuple[int, int] | None = None) -> None:
     """A graph of a user's export folder: present, whole, and exported from these weights."""
     what = f"{kind} ({method})" if kind == "unet" else kind
-    retouch = _retouch(kind, SpecOptions(retouch_blocks=retouch_blocks))
+    retouch = _retouch(kind, retouch_blocks)
     try:
         entry: GraphEntry = find_graph(folder, kind, method, dtype, retouch)
     except PidrtError as exc:
