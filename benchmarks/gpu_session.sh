@@ -4,7 +4,7 @@
 # machine's start; `DRY_RUN=1` prints the stages and their limits without running them.
 #
 #   bash benchmarks/gpu_session.sh --fetch-wheels   # here, with pip access: diffusers into .whl/
-#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning|served]   # on the GPU machine
+#   PIDRT_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh [core|tuning|served|retouch]   # on the GPU machine
 #
 # core (default): the checks and headline numbers of #5. tuning, for a later lease once core has
 # run: tile sweeps of both kernels (fp16, bf16) and the UNet step with torch.compile inside the
@@ -13,6 +13,9 @@
 # weights, fp16, every bucket captured before /readyz) under benchmarks/serve_load.py at batch 1
 # and 8, against the bare Generator on the same backend (identity-less requests: the face
 # detector's packages are not on the GPU machine). Needs the serving wheels (--fetch-wheels).
+# retouch: Layout-and-Retouch at SD1.5 shapes, 50 DDIM steps, fp16 (benchmarks/bench_retouch.py):
+# the four ways of serving its guide paths, UNet calls and seconds per image, and how far the
+# cheap ones move the images. The core set's limits already add up to 555 s, hence a set of its own.
 #
 # The GPU machine has torch, Triton, numpy, transformers, safetensors, pytest-timeout but no
 # diffusers and no package registry, so diffusers (pure Python; the only missing import on Python
@@ -45,7 +48,8 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
 fi
 
 SET=${1:-core}
-[[ "$SET" == core || "$SET" == tuning || "$SET" == served ]] || { echo "unknown stage set '$SET': core, tuning or served"; exit 2; }
+[[ "$SET" == core || "$SET" == tuning || "$SET" == served || "$SET" == retouch ]] \
+    || { echo "unknown stage set '$SET': core, tuning, served or retouch"; exit 2; }
 OUT=${OUT:-$PWD/gpu-session}
 RES=$([[ -n "${DRY_RUN:-}" ]] && echo "$OUT/results" || mktemp -d)
 mkdir -p "$OUT"
@@ -91,6 +95,15 @@ if [[ "$SET" == tuning ]]; then
         --dtype bf16
     stage unet-step-compile 300 python3 benchmarks/bench_unet_step.py --out "$RES/unet_step_compile" --compile \
         --cases base,sca,eaa --profile
+    echo "=== summary"
+    printf '%s\n' "${SUMMARY[@]}"
+    exit 0
+fi
+if [[ "$SET" == retouch ]]; then
+    # Eight retouches per variant (a warm-up, 2 timed, 2 compared seeds, and the paper form's
+    # images), 50 steps each, eager (CUDA graphs cannot hold per-step edits): ~4 min on an H200.
+    stage retouch 300 python3 benchmarks/bench_retouch.py --out "$RES/retouch_sd15" --preset sd15 --device cuda \
+        --steps 50 --images 2 --repeats 2
     echo "=== summary"
     printf '%s\n' "${SUMMARY[@]}"
     exit 0

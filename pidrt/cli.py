@@ -43,14 +43,15 @@ def cmd_enroll(a: argparse.Namespace) -> int:
         images.append(path.read_bytes())
     options = EnrollOptions(a.method, steps=a.steps, resolution=a.resolution, caption=a.caption,
                             record_from=a.record_from, face_policy=a.face_policy, detector=a.detector,
-                            names=tuple(str(p) for p in a.face))
+                            names=tuple(str(p) for p in a.face), retouch=a.retouch)
     if a.adapter is not None:
         setattr(a, f"{a.method}_adapter", a.adapter)
     store = IdentityStore(a.store)  # a bad --store fails before the models load
     pipe, encoders = build_runtime(runtime_options_from_args(a))
     result = Enroller(pipe, store, encoders).enroll(images, options)
     print(json.dumps({"id": result.identity_id, "method": result.method, "created": result.created,
-                      "seconds": round(result.seconds, 3), "face_detector": result.detector}))
+                      "seconds": round(result.seconds, 3), "face_detector": result.detector,
+                      "retouch_reference": result.retouch_reference}))
     return 0
 
 
@@ -84,7 +85,10 @@ def cmd_identities(a: argparse.Namespace) -> int:
         print(json.dumps({"id": e.id, "method": e.method, "created": e.created, "bytes": e.size, "key": e.key,
                           "meta": e.meta, "tensors": len(e.tensors), **summary(e)}, indent=2, default=str))
     else:
+        from pidrt.identity.retouch_reference import ReferenceStore
+
         store.delete(a.id)
+        ReferenceStore(store).discard(a.id)  # its retouch reference goes with it
         print(json.dumps({"deleted": a.id}))
     return 0
 
@@ -106,7 +110,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         source = load_models(a.model, get_preset(a.preset))
     else:
         source = a.preset
-    options = ExportOptions(spec=SpecOptions(plugins=a.trt_plugins))
+    from pidrt.engines.options import retouch_blocks
+
+    options = ExportOptions(spec=SpecOptions(plugins=a.trt_plugins, retouch_blocks=retouch_blocks(a)))
     manifest = export_models(source, a.method, a.out, fp16=a.fp16, options=options)
     print(json.dumps({"manifest": str(manifest)}))
     return 0
@@ -245,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", choices=DETECTORS, default="auto", help="face detector")
     p.add_argument("--adapter", type=Path, default=None,
                    help="the adapter file of --method (same as --sca/--ip/--eaa-adapter)")
+    p.add_argument("--retouch", action="store_true",
+                   help="also record the Layout-and-Retouch reference path (--steps, --resolution, --caption; "
+                        "2 x steps UNet calls, once) for generations with mode retouch")
     p.set_defaults(func=cmd_enroll)
 
     p = _command(sub, "identities", "list, show or delete stored identities")
@@ -263,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt-plugins", action="store_true",
                    help="UNet identity branches as pidrt TensorRT plugin nodes (fused Triton kernels compiled into "
                         "the engine) instead of plain ops; onnxruntime runs them lowered to plain ops")
+    p.add_argument("--retouch", action="store_true",
+                   help="UNet graph with Layout-and-Retouch inputs (swap, blend, subject maps: docs/retouch.md); "
+                        "it serves plain requests too")
+    p.add_argument("--retouch-blocks", type=int, nargs=2, metavar=("START", "END"), default=None,
+                   help="with --retouch: the transformer blocks whose self-attention it edits (default: 10 16)")
     p.set_defaults(func=cmd_export)
 
     p = _command(sub, "verify", "run exported graphs against the torch reference; exit 1 above tolerance")

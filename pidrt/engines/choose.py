@@ -51,6 +51,7 @@ class OpenedBackend:
     methods: tuple[str, ...]  # identity methods it runs ("none" = no identity)
     info: dict = field(default_factory=dict)
     base_fingerprint: str | None = None  # set when the torch models were dropped (the enroller needs it)
+    retouch_blocks: tuple[int, int] | None = None  # ort / trt: the UNet graphs' retouch inputs
 
     def admit(self, request) -> None:
         """InvalidRequest (HTTP 400) for a resolved request this backend was not prepared for."""
@@ -63,6 +64,10 @@ class OpenedBackend:
                                  f"{request.method})")
         if self.buckets is not None:
             self.buckets.check(request.width, request.height, request.n)
+        if getattr(request, "retouch", None) is not None:
+            from pidrt.runtime.retouch_serving import check_backend
+
+            check_backend(request, self.name, self.retouch_blocks, self.info.get("lean", False))
 
     def report(self) -> dict:
         own = getattr(self.pipeline, "report", None)
@@ -166,7 +171,8 @@ def open_backend(options: BackendOptions, pipe, encoders=None, *, max_batch: int
 
             opened.pipeline = make_fast(pipe, config, copy_models=copy_models, capturer=capturer)
     elif name in GRAPH_BACKENDS:
-        opened.methods = methods
+        opened.methods, opened.retouch_blocks = methods, options.retouch_blocks
+        info["retouch_blocks"] = list(options.retouch_blocks) if options.retouch_blocks else None
         info["version"] = require_backend(name).version  # onnxruntime's / TensorRT's
         opened.pipeline, info["graphs"] = _open_graph_backend(name, pipe, encoders, options, methods, buckets, stage,
                                                               progress)
@@ -202,7 +208,8 @@ def _open_graph_backend(name, pipe, encoders, options: BackendOptions, methods, 
     info = require_backend(name)
     cache = None if options.engines is not None else EngineCache(options.cache_dir)
     return open_graphs(name, pipe, encoders, methods, buckets, engines=options.engines, cache=cache,
-                       threads=options.threads, info=info, stage=stage, progress=progress)
+                       threads=options.threads, info=info, stage=stage, progress=progress,
+                       retouch_blocks=options.retouch_blocks)
 
 
 def _auto(pipe, config, buckets: Buckets, capturer) -> tuple[object, str, str | None]:

@@ -70,19 +70,23 @@ class GraphPipeline(RunnerPipeline):
         self.unets.clear()
 
 
-def spec_options(encoders, method: str, profiles: tuple[Profile, ...] | None = None) -> SpecOptions:
-    """The graph's shape knobs that come from the adapters: tokens per identity, EAA's s_c."""
+def spec_options(encoders, method: str, profiles: tuple[Profile, ...] | None = None,
+                 retouch_blocks: tuple[int, int] | None = None) -> SpecOptions:
+    """The graph's shape knobs that come from the adapters (tokens per identity, EAA's s_c) and
+    the server (the retouch inputs)."""
     adapter = {"sca": getattr(encoders, "sca", None), "ip": getattr(encoders, "ip", None)}.get(method)
     eaa = getattr(encoders, "eaa", None)
     return SpecOptions(n_tokens=adapter.n_tokens if adapter is not None else 4,
-                       eaa_cross_tokens=eaa.s_c if method == "eaa" and eaa is not None else None, profiles=profiles)
+                       eaa_cross_tokens=eaa.s_c if method == "eaa" and eaa is not None else None, profiles=profiles,
+                       retouch_blocks=retouch_blocks)
 
 
-def trt_profiles(buckets, latent_scale: int) -> tuple[Profile, ...]:
-    """One TensorRT profile per bucket resolution: batch 1 .. 2 x its largest bucket (CFG doubles it)."""
+def trt_profiles(buckets, latent_scale: int, rows_per_image: int = 2) -> tuple[Profile, ...]:
+    """One TensorRT profile per bucket resolution: batch 1 .. rows_per_image x its largest bucket
+    (CFG doubles it; a retouch's stage 2 adds the layout path's row: 3)."""
     out = []
     for w, h in buckets.sizes:
-        hi = 2 * max(buckets.batches(w, h))
+        hi = rows_per_image * max(buckets.batches(w, h))
         lh, lw = h // latent_scale, w // latent_scale
         out.append(Profile((1, hi, hi), (lh, lh, lh), (lw, lw, lw)))
     return tuple(out)
@@ -123,9 +127,12 @@ def cache_record(name: str, info: Availability, kind: str, method: str, spec, op
 
 
 def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | None, cache: EngineCache | None,
-                threads: int | None, info: Availability, stage: Callable[[str], None], progress: bool
-                ) -> tuple[GraphPipeline, dict]:
-    """(the pipeline, a report of each graph: where it came from and what it cost)."""
+                threads: int | None, info: Availability, stage: Callable[[str], None], progress: bool,
+                retouch_blocks: tuple[int, int] | None = None) -> tuple[GraphPipeline, dict]:
+    """(the pipeline, a report of each graph: where it came from and what it cost).
+
+    retouch_blocks: every UNet graph takes the retouch inputs of these blocks (one graph per
+    method serves plain and retouch requests)."""
     from tqdm import tqdm
 
     from pidrt.export.commands import ExportOptions, export_models
@@ -136,7 +143,7 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
         raise PidrtError(f"the {name} backend runs graphs exported in float32 or float16, not {pipe.dtype}; "
                          "pass --dtype float32 or float16")
     models, dtype = pipe.models, "float16" if pipe.dtype == torch.float16 else "float32"
-    profiles = trt_profiles(buckets, models.preset.latent_scale) if name == "trt" else None
+    profiles = trt_profiles(buckets, models.preset.latent_scale, 3 if retouch_blocks else 2) if name == "trt" else None
     device = device_name(pipe.device)
     graphs = [("text_encoder", "none"), ("vae_decoder", "none")] + [("unet", m) for m in methods]
     prints: dict[str, str] = {}
@@ -146,15 +153,15 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
         for kind, method in graphs:
             label = f"{kind}:{method}" if kind == "unet" else kind
             clock = time.perf_counter()
-            options = spec_options(encoders, method, profiles)
+            options = spec_options(encoders, method, profiles, retouch_blocks if kind == "unet" else None)
             if kind not in prints:
                 prints[kind] = fingerprint_module(source_module(models, kind))
+            spec = model_spec(kind, models.preset, pipe.layers, method, dtype, options)
             if engines is not None:
                 folders[kind, method] = engines
-                _check_given(engines, kind, method, dtype, prints[kind])
+                _check_given(engines, kind, method, dtype, prints[kind], spec, retouch_blocks)
                 status = "given"
             else:
-                spec = model_spec(kind, models.preset, pipe.layers, method, dtype, options)
                 record = cache_record(name, info, kind, method, spec, options, prints[kind], device)
 
                 def build(folder: Path, kind=kind, method=method, options=options, label=label) -> None:
@@ -162,7 +169,7 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
                     export_models(models, method, folder, dtype == "float16", ExportOptions(kinds=(kind,), spec=options))
                     if name == "trt":
                         stage(f"building the TensorRT engine of {label}")
-                        _build_trt(find_graph(folder, kind, method, dtype), profiles)
+                        _build_trt(find_graph(folder, kind, method, dtype, _retouch(kind, retouch_blocks)), profiles)
 
                 stage(f"checking the engine cache for {label}")
                 folders[kind, method], status = cache.get_or_build(f"{name}-{spec.name}", record, build)
@@ -182,7 +189,7 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
             label = f"{kind}:{method}" if kind == "unet" else kind
             stage(f"opening {label}")
             clock = time.perf_counter()
-            entry = find_graph(folders[kind, method], kind, method, dtype)
+            entry = find_graph(folders[kind, method], kind, method, dtype, _retouch(kind, retouch_blocks))
             opened[kind, method] = open_graph(entry, name, models, **backend_options)
             report[label]["open_s"] = round(time.perf_counter() - clock, 3)
             bar.update(1)
@@ -192,14 +199,25 @@ def open_graphs(name: str, pipe, encoders, methods, buckets, *, engines: Path | 
     return GraphPipeline(models, unets, runners, pipe.device, pipe.dtype, name), report
 
 
-def _check_given(folder: Path, kind: str, method: str, dtype: str, weights: str) -> None:
+def _retouch(kind: str, blocks: tuple[int, int] | None) -> bool | None:
+    """find_graph's retouch filter: a UNet with or without retouch inputs; other kinds have none."""
+    return bool(blocks) if kind == "unet" else None
+
+
+def _check_given(folder: Path, kind: str, method: str, dtype: str, weights: str, spec,
+                 retouch_blocks: tuple[int, int] | None = None) -> None:
     """A graph of a user's export folder: present, whole, and exported from these weights."""
     what = f"{kind} ({method})" if kind == "unet" else kind
+    retouch = _retouch(kind, retouch_blocks)
     try:
-        entry: GraphEntry = find_graph(folder, kind, method, dtype)
+        entry: GraphEntry = find_graph(folder, kind, method, dtype, retouch)
     except PidrtError as exc:
-        raise PidrtError(f"{exc}. Export it: pidrt export --method {method} --out {folder}"
-                         + (" --fp16" if dtype == "float16" else "")) from None
+        flags = (" --fp16" if dtype == "float16" else "") + (
+            f" --retouch --retouch-blocks {retouch_blocks[0]} {retouch_blocks[1]}" if retouch else "")
+        raise PidrtError(f"{exc}. Export it: pidrt export --method {method} --out {folder}{flags}") from None
+    if retouch and entry.spec.retouch_layers != spec.retouch_layers:
+        raise PidrtError(f"{entry.path}: the {what} graph edits other retouch blocks than {retouch_blocks}; "
+                         "export it again with these --retouch-blocks")
     if not entry.files_present():
         raise PidrtError(f"{entry.path}: the {what} graph's files are missing or truncated; export it again")
     if entry.weights != weights:

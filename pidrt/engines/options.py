@@ -136,6 +136,9 @@ class BackendOptions:
     keep_torch_unet: ort / trt keep the torch models beside the engines (EAA enrollment needs them;
       they cost their memory). False: a lean server, EAA identities come from the shared store.
     threads: onnxruntime intra-op threads (None: its default).
+    retouch_blocks: ort / trt: UNet graphs with Layout-and-Retouch inputs for these transformer
+      blocks (docs/retouch.md); they serve plain requests too. None: graphs without them (mode
+      "retouch" is refused). torch and fast run the retouch without it.
     warmup: run every bucket once at start (False: the first requests pay for it).
     fast: the fast backend's FastTorchConfig (None: its defaults at the runtime's dtype).
     """
@@ -149,6 +152,7 @@ class BackendOptions:
     threads: int | None = None
     warmup: bool = True
     fast: object | None = field(default=None, compare=False)  # FastTorchConfig (imported lazily: it needs no GPU)
+    retouch_blocks: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -179,10 +183,21 @@ def add_backend_arguments(p) -> None:
     p.add_argument("--keep-torch-unet", action="store_true",
                    help="ort/trt: keep the torch models in memory too, so EAA identities can be enrolled here")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--retouch", action="store_true",
+                   help="ort/trt: UNet graphs with Layout-and-Retouch inputs (mode 'retouch'; plain requests too)")
+    p.add_argument("--retouch-blocks", type=int, nargs=2, metavar=("START", "END"), default=None,
+                   help="with --retouch: the transformer blocks whose self-attention it edits (default: 10 16)")
 
 
 def backend_options_from_args(a: argparse.Namespace) -> BackendOptions:
     return BackendOptions(backend=a.backend, engines=a.engines, cache_dir=a.engine_cache,
                           buckets=Buckets.parse(a.buckets) if a.buckets else None,
                           methods=tuple(a.methods) if a.methods else None, keep_torch_unet=a.keep_torch_unet,
-                          threads=a.threads)
+                          threads=a.threads, retouch_blocks=retouch_blocks(a))
+
+
+def retouch_blocks(a: argparse.Namespace) -> tuple[int, int] | None:
+    """--retouch [--retouch-blocks START END] -> the blocks (MasaCtrl's 10..16 by default), or None."""
+    if a.retouch_blocks is not None and not a.retouch:
+        raise PidrtError("--retouch-blocks goes with --retouch")
+    return (tuple(a.retouch_blocks) if a.retouch_blocks else (10, 16)) if a.retouch else None

@@ -79,14 +79,18 @@ def graph_entries(folder: Path | str) -> dict[str, GraphEntry]:
     return {name: GraphEntry.from_json(Path(folder), name, d) for name, d in manifest["graphs"].items()}
 
 
-def find_graph(folder: Path | str, kind: str, method: str = "none", dtype: str | None = None) -> GraphEntry:
-    """The graph of `kind` (and `method` for UNets; `dtype` when both fp32 and fp16 are there)."""
+def find_graph(folder: Path | str, kind: str, method: str = "none", dtype: str | None = None,
+               retouch: bool | None = None) -> GraphEntry:
+    """The graph of `kind` (and `method` for UNets; `dtype` when both fp32 and fp16 are there;
+    `retouch`: a UNet with (True) or without (False) Layout-and-Retouch inputs, None: either)."""
     entries = graph_entries(folder)
     found = [e for e in entries.values()
              if e.spec.kind == kind and (kind != "unet" or e.spec.method == method)
-             and (dtype is None or e.spec.dtype == dtype)]
+             and (dtype is None or e.spec.dtype == dtype)
+             and (retouch is None or bool(e.spec.retouch_layers) == retouch)]
     if len(found) != 1:
-        what = f"{kind}" + (f" ({method})" if kind == "unet" else "") + (f" {dtype}" if dtype else "")
+        what = (f"{kind}" + (f" ({method})" if kind == "unet" else "") + (f" {dtype}" if dtype else "")
+                + ({True: " with retouch inputs", False: " without retouch inputs"}.get(retouch, "")))
         have = sorted(entries)
         raise PidrtError(f"{Path(folder)}: {'no' if not found else 'several'} {what} graph(s); have {have}"
                          + ("; pass dtype" if found else ""))

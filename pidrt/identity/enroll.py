@@ -45,6 +45,9 @@ from pidrt.runtime.pipeline import Pipeline
 
 METHODS = ("sca", "ip", "eaa")
 _DETECTORS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("pidrt_enroll_detectors", default=None)
+# EAA enrollment's inversion of the first reference, kept for the retouch's reference path (the
+# same trajectory: no second inversion) while an enrollment with retouch=True builds the entry.
+_INVERSIONS: contextvars.ContextVar[list | None] = contextvars.ContextVar("pidrt_enroll_inversions", default=None)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ class EnrollOptions:
     reference_weights: tuple[float, ...] | None = None  # SCA/IP: weighted average of references
     # What errors call each image (file names, upload names); not part of the identity's key.
     names: tuple[str, ...] | None = None
+    # Also record the Layout-and-Retouch reference path (steps, resolution, caption above) of
+    # these transformer blocks; kept beside the identity (pidrt.identity.retouch_reference).
+    retouch: bool = False
+    retouch_blocks: tuple[int, int] = (10, 16)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -92,6 +99,7 @@ class Enrollment:
     created: bool
     seconds: float
     detector: str | None = None  # the face detector(s) that ran when the entry was built
+    retouch_reference: bool | None = None  # retouch=True: whether its reference path was recorded now
 
 
 def base_fingerprint(models) -> str:
@@ -169,8 +177,20 @@ class Enroller:
             raise PidrtError(refusal)
         clock = time.perf_counter()
         key = self._key(images, opts)
-        ident, _, meta, created = self.store.get_or_create(key, lambda: self._build(images, opts))
-        return Enrollment(ident, opts.method, created, time.perf_counter() - clock, meta.get("face_detector"))
+        token = _INVERSIONS.set([]) if opts.retouch else None
+        try:
+            ident, _, meta, created = self.store.get_or_create(key, lambda: self._build(images, opts))
+            reference = None
+            if opts.retouch:
+                from pidrt.identity.retouch_reference import record_reference
+
+                kept = _INVERSIONS.get()
+                reference = record_reference(self, key, images, opts, opts.retouch_blocks, kept[0] if kept else None)
+        finally:
+            if token is not None:
+                _INVERSIONS.reset(token)
+        return Enrollment(ident, opts.method, created, time.perf_counter() - clock, meta.get("face_detector"),
+                          reference)
 
     def enroll_tokens(self, data: bytes, name: str = "tokens", placeholder: str | None = None) -> Enrollment:
         """A token file's bytes (any layout of pidrt.identity.token_files) into the store."""
@@ -199,6 +219,10 @@ class Enroller:
     def forget(self, identity_id: str) -> None:
         """Drop what is cached of an identity (after it was deleted from the store)."""
         self._meta.pop(identity_id, None)
+        if identity_id not in self.store:  # its retouch reference goes with it
+            from pidrt.identity.retouch_reference import ReferenceStore
+
+            ReferenceStore(self.store).discard(identity_id)
         if self.device_cache is not None:
             self.device_cache.evict(identity_id)
 
@@ -289,6 +313,9 @@ class Enroller:
                 x = torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None]
                 inv = invert_and_record(self.pipe, self.pipe.encode_image(x), opts.caption, opts.steps,
                                         opts.record_from, on_call=lambda: bar.update(1))
+                kept = _INVERSIONS.get()
+                if kept is not None and not kept and opts.record_from == "reconstruction":
+                    kept.append(inv)
                 per_reference.append(eaa_features(adapter, self.pipe, inv))
                 latents_t.append(inv.latent_t)
         steps = per_reference[0] if len(per_reference) == 1 else concat_references(per_reference)

@@ -65,6 +65,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("."), help="a .png file or a folder (default: %(default)s)")
     p.add_argument("--detector", default="auto", choices=BACKENDS, help="face detector for --face")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from pidrt.runtime.retouch_cli import add_retouch_arguments
+
+    add_retouch_arguments(p)
     p.set_defaults(func=cmd_generate)
     return p
 
@@ -73,6 +76,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from pidrt.engines.options import Bucket, Buckets, backend_options_from_args
     from pidrt.models.presets import get_preset
     from pidrt.runtime.requests import GenerationRequest, GeneratorConfig, parse_size, resolve_request
+    from pidrt.runtime.retouch_cli import retouch_from_args
     from pidrt.runtime.setup import runtime_options_from_args
     from pidrt.serve.factory import build_generator
 
@@ -83,16 +87,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
         faces.append(path.read_bytes())
     width, height = parse_size(a.size)
     method = a.method or ("ip" if faces else None)
+    mode, retouch = retouch_from_args(a)
     token_file = Path(a.tokens) if a.tokens and Path(a.tokens).is_file() else None
     if a.tokens and token_file is None and not a.tokens.startswith("tokens-"):
         raise PidrtError(f"--tokens {a.tokens}: no such token file, and not a token identity id (tokens-…)")
     request = GenerationRequest(a.prompt, a.negative_prompt, a.identity, method if a.identity else None, a.scale,
                                 a.scale_start, None, a.steps, a.guidance, a.seed, width, height, a.n, "png", None,
-                                a.scheduler, tokens=None if token_file else a.tokens)
+                                a.scheduler, tokens=None if token_file else a.tokens, mode=mode, retouch=retouch)
     runtime = runtime_options_from_args(a)
     config = GeneratorConfig(max_batch=max(1, a.n), timeout_s=86400.0,
                              enroll_detector=a.detector)
-    resolved = resolve_request(request, config, get_preset(runtime.preset))  # bad input fails before any model loads
+    # Bad input fails before any model loads; --face's identity, enrolled later, stands in as an id.
+    stand_in = f"{method}-{'0' * 16}" if faces else None
+    resolved = resolve_request(dataclasses.replace(request, identity=request.identity or stand_in), config,
+                               get_preset(runtime.preset))
     backend = backend_options_from_args(a)
     # Prepare exactly this run: its shape, the UNet graph of its method; an engine server enrolling
     # EAA keeps the torch UNet it records features with. No separate warm-up: the one generation
@@ -101,7 +109,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     backend = dataclasses.replace(
         backend, warmup=False, buckets=backend.buckets or Buckets((Bucket(resolved.width, resolved.height, resolved.n),)),
         methods=backend.methods or ((need,) if need else ("none",)),
-        keep_torch_unet=backend.keep_torch_unet or (bool(faces) and method == "eaa"))
+        keep_torch_unet=backend.keep_torch_unet or (bool(faces) and (method == "eaa" or retouch is not None)),
+        retouch_blocks=backend.retouch_blocks or ((10, 16) if retouch is not None else None))
     generator = build_generator(a.store, runtime, config, backend, progress=not a.no_progress)
     try:
         enrolled, identity = None, request.identity
@@ -110,7 +119,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
             # EAA: --steps, else the enrollment default (the paper's 50), as `pidrt enroll`; the
             # generation then runs the identity's recorded count.
-            options = {"resolution": resolved.width, "steps": a.steps or EnrollOptions.steps} if method == "eaa" else {}
+            # A retouch records the reference path for this run's steps and size.
+            options = ({"resolution": resolved.width, "steps": resolved.steps if retouch else a.steps or EnrollOptions.steps}
+                       if method == "eaa" or retouch else {})
+            if retouch is not None:
+                options["retouch"] = True
             enrolled = generator.enroll(faces, method, names=tuple(str(p) for p in a.face), **options)
             identity = enrolled.identity_id
         tokens = request.tokens
@@ -136,6 +149,7 @@ def _run(generator, request, progress: bool):
     with tqdm(total=request.steps, desc="generating", unit="step", disable=not progress, leave=False) as bar:
         def on_event(ev) -> None:
             if ev.type == "step":
+                bar.total = ev.steps  # a retouch runs several loops
                 bar.update(ev.step - bar.n)
 
         return generator.submit(request, on_event).result()
@@ -193,6 +207,12 @@ def write_outputs(result, out: Path, generator, enrolled=None) -> dict:
             "dtype": str(generator.pipe.dtype).removeprefix("torch."), "model": model, "timings": result.timings,
             "enrolled": None if enrolled is None else {"id": enrolled.identity_id, "created": enrolled.created,
                                                        "seconds": round(enrolled.seconds, 3)}}
+    from pidrt.runtime.retouch_cli import write_layouts
+
+    layouts = write_layouts(result, images)
+    if r.retouch is not None:
+        meta["retouch"] = {**r.retouch.as_dict(), "layouts": [p.name for p in layouts],
+                           "unet_calls": result.images[0].unet_calls}
     atomic_write(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
     print(f"wrote {len(images)} image(s) and {sidecar}", file=sys.stderr)
     return {"images": images, "sidecar": sidecar}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -46,6 +47,7 @@ from pidrt.runtime.batching import BatchQueue, Entry, QueueClosed, QueueFull
 from pidrt.models.conditions import EAACondition, ScaleSchedule
 from pidrt.runtime.encoding import encode_image
 from pidrt.runtime.jobs import Job
+from pidrt.runtime.retouch_serving import RetouchServing, image_extras
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.requests import (
     METHODS,
@@ -111,6 +113,7 @@ class Generator:
         self._observers: list[Any] = []
         self._post = ThreadPoolExecutor(self.config.encode_workers, thread_name_prefix="pidrt-encode")
         self._closed = False
+        self.retouch = RetouchServing(pipe, self.store)  # mode "retouch": cached reference paths
         self._worker = threading.Thread(target=self._loop, name="pidrt-generator", daemon=True)
         self._worker.start()
 
@@ -225,8 +228,8 @@ class Generator:
         options = {k: v for k, v in options.items() if v is not None}
         options.setdefault("detector", self.config.enroll_detector)
         opts = EnrollOptions(method, steps=steps, **options)
-        # EAA inversion drives the UNet's branch state: not while a batch runs.
-        with self._pipe_lock if method == "eaa" else contextlib.nullcontext():
+        # EAA inversion and the retouch's reference path drive the UNet's branch state: not while a batch runs.
+        with self._pipe_lock if method == "eaa" or opts.retouch else contextlib.nullcontext():
             return enroller.enroll(list(images), opts)
 
     def list_identities(self):
@@ -286,6 +289,7 @@ class Generator:
                 condition = ident.condition if ident.condition is not None else self._require_store().condition(r.identity)
             tokens = self._tokens(r)
             job = Job(self, r, condition, on_event, tokens)
+            job.retouch = self.retouch.prepare(r)
             job.entry = Entry(r.batch_key, r.method, r.n, job)
             with job._lock:
                 try:
@@ -397,7 +401,8 @@ class Generator:
         clock = time.perf_counter()
         try:
             with self._pipe_lock:
-                out = self.pipe.generate(self._sampling(r0), specs, on_step=on_step, encode=self.text_cache)
+                out = (self.retouch.run(self._sampling(r0), jobs, specs, on_step) if r0.retouch is not None else
+                       self.pipe.generate(self._sampling(r0), specs, on_step=on_step, encode=self.text_cache))
         except _Stop:
             return
         except Exception as exc:
@@ -429,20 +434,23 @@ class Generator:
             if j.done:
                 continue  # cancelled or timed out while batched: its rows are dropped
             try:
-                self._post.submit(self._complete, j, pixels[rows], latents[rows], dict(out.timings), info)
+                self._post.submit(self._complete, j, pixels[rows], latents[rows], dict(out.timings), info,
+                                  functools.partial(image_extras, j.request, out, rows))
             except RuntimeError:  # the encoder pool is shut down: close() gave up waiting for this batch
                 j.cancel_with(GeneratorClosed("the generator shut down before the images were encoded"))
 
-    def _complete(self, job: Job, pixels: torch.Tensor, latents: torch.Tensor, timings: dict, info: BatchInfo):
+    def _complete(self, job: Job, pixels: torch.Tensor, latents: torch.Tensor, timings: dict, info: BatchInfo,
+                  extras: Callable[[], list[dict]]):
         try:
             r = job.request
             clock = time.perf_counter()
             arrays = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            more = extras()
             images = [
                 GeneratedImage(index=i, seed=seed, data=encode_image(arr, r.output_format, r.quality),
                                format=r.output_format, width=r.width, height=r.height, identity=r.identity,
                                method=r.method, backend=self.backend, pixels=pixels[i].clone(),
-                               latents=latents[i].clone())
+                               latents=latents[i].clone(), **more[i])
                 for i, (seed, arr) in enumerate(zip(r.seeds, arrays))
             ]
             timings = {"queue_s": (job.started or job.submitted) - job.submitted, **timings,

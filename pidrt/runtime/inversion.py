@@ -69,14 +69,15 @@ def invert_and_record(pipe: Pipeline, latents: torch.Tensor, caption: str, steps
     return Inversion(x_t, rec_feats, 2 * steps)
 
 
-def ddim_invert(pipe: Pipeline, latents: torch.Tensor, prompts: Sequence[str], steps: int) -> torch.Tensor:
+def ddim_invert(pipe: Pipeline, latents: torch.Tensor, prompts: Sequence[str], steps: int,
+                on_call: Callable[[], None] | None = None) -> torch.Tensor:
     """x_0 -> x_T by DDIM inversion with guidance 1, one prompt per latent, no recording: T UNet calls."""
     if len(prompts) != latents.shape[0]:
         raise PidrtError(f"{len(prompts)} prompts for {latents.shape[0]} latents")
     ctx = pipe.encode_text(list(prompts))
     pipe.state.clear()
     x_t, _ = _run(pipe, DDIMInverse(pipe.models.preset.scheduler, steps), latents.to(pipe.device, pipe.dtype), ctx,
-                  False, None)
+                  False, on_call)
     return x_t
 
 

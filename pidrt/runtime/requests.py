@@ -171,6 +171,9 @@ class GenerationRequest:
     scheduler: str | None = None
     timeout_s: float | None = None
     tokens: str | None = None
+    # "retouch": Layout-and-Retouch with the fields of `retouch` (pidrt.runtime.retouch_requests)
+    mode: str = "generate"
+    retouch: object | None = None  # RetouchRequest (or a dict of its fields)
 
 
 @dataclass(frozen=True)
@@ -195,15 +198,18 @@ class ResolvedRequest:
     scheduler: str
     timeout_s: float
     tokens: str | None = None
+    retouch: object | None = None  # ResolvedRetouch for mode "retouch"
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys (and compatible methods) may share UNet calls."""
-        return (self.width, self.height, self.steps, self.scheduler, float(self.guidance))
+        return (self.width, self.height, self.steps, self.scheduler, float(self.guidance),
+                self.retouch.plan_key if self.retouch is not None else None)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["seeds"] = list(self.seeds)
+        d["retouch"] = self.retouch.as_dict() if self.retouch is not None else None
         return d
 
 
@@ -221,6 +227,8 @@ class GeneratedImage:
     backend: str
     pixels: torch.Tensor | None = None  # [3, H, W] float32 in [0, 1] on CPU (None once shipped)
     latents: torch.Tensor | None = None  # [C, h, w] float32 on CPU
+    layout: bytes | None = None  # retouch with return_layout: the layout image, encoded in `format`
+    unet_calls: dict[str, int] | None = None  # retouch: the UNet calls the image's batch made, per part
 
 
 @dataclass(frozen=True)
@@ -365,11 +373,15 @@ def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset,
     else:
         number("seed", seed, 0, MAX_SEED - n + 1, integer=True)  # the last image's seed is seed + n - 1
         seeds = tuple(seed + i for i in range(n))
+    from pidrt.runtime.retouch_requests import resolve_retouch
+
+    retouch = resolve_retouch(req.mode, req.retouch, steps=steps, width=width, height=height, scheduler=scheduler,
+                              identity=identity)
     return ResolvedRequest(
         prompt=req.prompt, negative_prompt=req.negative_prompt or "", identity=identity, method=method,
         scale=scale, scale_start=start, scale_end=end, steps=steps, guidance=guidance, seeds=seeds,
         width=width, height=height, n=n, output_format=fmt, quality=quality, scheduler=scheduler,
-        timeout_s=timeout, tokens=tokens,
+        timeout_s=timeout, tokens=tokens, retouch=retouch,
     )
 
 

@@ -27,7 +27,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -122,8 +122,12 @@ def _counting(pipe: Pipeline, calls: dict[str, int], rows: dict[str, int], part:
 
 
 def retouch(pipe: Pipeline, sampling: SamplingConfig, specs: Sequence[RetouchSpec],
-            config: RetouchConfig = RetouchConfig(), options: RetouchOptions = RetouchOptions()) -> RetouchOutput:
-    """Stage 1 then stage 2 for `specs` (one batch: they share steps, size and guidance)."""
+            config: RetouchConfig = RetouchConfig(), options: RetouchOptions = RetouchOptions(),
+            on_step: Callable[[int, int], None] | None = None) -> RetouchOutput:
+    """Stage 1 then stage 2 for `specs` (one batch: they share steps, size and guidance).
+
+    on_step(i, total) after each of the loops' steps (stage 1, the layout inversion, stage 2:
+    2T or 3T in all), for progress and cancellation by raising, as in `Pipeline.generate`."""
     if not specs:
         raise PidrtError("nothing to retouch: no images requested")
     if sampling.scheduler != "ddim":
@@ -144,23 +148,27 @@ def retouch(pipe: Pipeline, sampling: SamplingConfig, specs: Sequence[RetouchSpe
     stage1 = [dataclasses.replace(s.image, schedule=dataclasses.replace(s.image.schedule, start=config.layout_steps))
               for s in specs]
     taps = {n: LayerTap() for n in names} if options.layout == "recorded" else {}
+    steps = sampling.steps
+    total = steps * (3 if options.layout == "inversion" else 2)
+    done = iter(range(total))
+    progress = (lambda *_: on_step(next(done), total)) if on_step is not None else None
     with _counting(pipe, calls, rows, "stage1"):
         pipe.state.swap = taps  # kept for every call of the generation; its end clears it
-        layout = pipe.generate(sampling, stage1)
+        layout = pipe.generate(sampling, stage1, on_step=progress)
     timings["stage1_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     prompts = [s.image.prompt for s in specs]
     if options.layout == "inversion":
         with _counting(pipe, calls, rows, "layout_inversion"):
-            x_t = ddim_invert(pipe, pipe.encode_image(layout.images), prompts, sampling.steps)
+            x_t = ddim_invert(pipe, pipe.encode_image(layout.images), prompts, steps, progress)
     else:
         x_t = initial_noise([s.image.seed for s in specs], tuple(layout.latents.shape[1:]), pipe.dtype, pipe.device)
     timings["layout_path_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     with _counting(pipe, calls, rows, "stage2"):
-        latents, mask_s = _stage2(pipe, sampling, specs, config, options, edited, x_t, taps)
+        latents, mask_s = _stage2(pipe, sampling, specs, config, options, edited, x_t, taps, progress)
     timings["stage2_s"] = time.perf_counter() - clock
     timings["mask_s"] = mask_s
     clock = time.perf_counter()
@@ -195,7 +203,7 @@ def _check_specs(specs, options: RetouchOptions, sampling: SamplingConfig, names
 
 
 def _stage2(pipe: Pipeline, sampling: SamplingConfig, specs, config: RetouchConfig, options: RetouchOptions,
-            edited, x_t: torch.Tensor, taps: dict[str, LayerTap]) -> tuple[torch.Tensor, float]:
+            edited, x_t: torch.Tensor, taps: dict[str, LayerTap], progress) -> tuple[torch.Tensor, float]:
     n, steps = len(specs), sampling.steps
     cfg = sampling.guidance != 1.0
     halves = 2 if cfg else 1
@@ -264,6 +272,8 @@ def _stage2(pipe: Pipeline, sampling: SamplingConfig, specs, config: RetouchConf
                                         [s.user_mask for s in specs])
                 masks = _batch_masks(level_masks(per_image, sides), targets, batch, pipe)
                 mask_seconds += time.perf_counter() - clock
+            if progress is not None:
+                progress()
     finally:
         state.clear()
     return x_targets, mask_seconds

@@ -20,6 +20,7 @@ from pidrt.runtime.requests import (
     InvalidRequest,
     parse_size,
 )
+from pidrt.serve.retouch_fields import RetouchBody, image_fields
 
 Number = Union[StrictInt, StrictFloat]
 
@@ -52,6 +53,8 @@ class GenerationBody(BaseModel):
     seed: Annotated[Union[StrictInt, list[StrictInt]], Field(union_mode="left_to_right")] | None = None
     scheduler: StrictStr | None = None
     timeout_s: Number | None = None
+    mode: StrictStr | None = Field(None, description='"generate" (default) or "retouch" (docs/retouch.md)')
+    retouch: RetouchBody | None = None
 
     def to_request(self) -> GenerationRequest:
         if self.response_format not in (None, "b64_json"):
@@ -62,7 +65,8 @@ class GenerationBody(BaseModel):
             scale=self.scale, scale_start=self.scale_start, scale_end=self.scale_end, steps=self.steps,
             guidance=self.guidance, seed=self.seed, width=width, height=height, n=self.n,
             output_format=self.output_format, quality=self.output_compression, scheduler=self.scheduler,
-            timeout_s=self.timeout_s, tokens=self.tokens,
+            timeout_s=self.timeout_s, tokens=self.tokens, mode=self.mode or "generate",
+            retouch=self.retouch.to_request() if self.retouch is not None else None,
         )
 
 
@@ -84,6 +88,7 @@ def result_body(result: GenerationResult, extra: dict | None = None) -> dict[str
                 "backend": img.backend,
                 "width": img.width,
                 "height": img.height,
+                **image_fields(img),
             }
             for img in result.images
         ],

@@ -175,7 +175,8 @@ class PidrtGenerator:
     @_guard
     async def enroll(self, images: list[bytes], method: str, options: dict) -> dict:
         e = await asyncio.to_thread(self.generator.enroll, images, method, **options)
-        return {"identity_id": e.identity_id, "method": e.method, "created": e.created, "seconds": e.seconds}
+        return {"identity_id": e.identity_id, "method": e.method, "created": e.created, "seconds": e.seconds,
+                "retouch_reference": e.retouch_reference}
 
     @_guard
     async def list_identities(self) -> list:

@@ -94,20 +94,22 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
                      caption: Optional[str] = Form(None),
                      face_policy: Optional[str] = Form(None),
                      tokens: Optional[UploadFile] = File(None, description="method=tokens: a token file"),
-                     placeholder: Optional[str] = Form(None)):
+                     placeholder: Optional[str] = Form(None),
+                     retouch: bool = Form(False, description="also record the Layout-and-Retouch reference path")):
         if method == "tokens":  # one token file instead of photos (docs/token-identities.md)
-            if images or tokens is None:
-                raise UploadError("method=tokens takes one token file in the `tokens` field and no images")
+            if images or tokens is None or retouch:
+                raise UploadError("method=tokens takes one token file in the `tokens` field, no images and no "
+                                  "retouch (a reference path is recorded from a face photo)")
             data, names = await _read_uploads([tokens])
             options = {"placeholder": placeholder, "caption": caption, "face_policy": face_policy, "steps": steps}
         else:
             if not images or tokens is not None:
                 raise UploadError("enrollment takes face photos in the `images` field (a token file: method=tokens)")
             data, names = await _read_uploads(images)
-            options = {"caption": caption, "face_policy": face_policy, "steps": steps}
+            options = {"caption": caption, "face_policy": face_policy, "steps": steps, "retouch": retouch or None}
         out = await service.enroll(data, method, {**options, "names": tuple(names)})
         return {"object": "identity", "id": out["identity_id"], "method": out["method"], "created": out["created"],
-                "seconds": round(out["seconds"], 4)}
+                "seconds": round(out["seconds"], 4), "retouch_reference": out.get("retouch_reference")}
 
     async def _read_uploads(uploads: list[UploadFile]) -> tuple[list[bytes], list[str]]:
         if len(uploads) > cfg.max_upload_images:

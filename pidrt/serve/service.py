@@ -129,7 +129,8 @@ class LocalEngine(Engine):
 
     async def enroll(self, images: list[bytes], method: str, options: dict) -> dict:
         e = await asyncio.to_thread(self.generator.enroll, images, method, **options)
-        return {"identity_id": e.identity_id, "method": e.method, "created": e.created, "seconds": e.seconds}
+        return {"identity_id": e.identity_id, "method": e.method, "created": e.created, "seconds": e.seconds,
+                "retouch_reference": e.retouch_reference}
 
     async def list_identities(self) -> list:
         return await asyncio.to_thread(self.generator.list_identities)

@@ -198,9 +198,11 @@ def test_gpu_session_stages_fit_the_lease(tmp_path):
         assert commands[name].startswith("timeout --signal=TERM -k 5 ")
         assert (root / commands[name].split()[6]).is_file()  # the benchmark script it runs
     assert "tests/engines/test_fused_norms.py" in named  # with `-m "gpu or on_device"`: compiled kernel tests
-    for extra in ("tuning", "served"):
-        stages, _ = _session_dry_run(tmp_path, extra)
+    for extra in ("tuning", "served", "retouch"):
+        stages, extra_commands = _session_dry_run(tmp_path, extra)
         assert sum(limit for _, limit in stages) < 560, extra
+    assert [s for s, _ in stages] == ["env", "retouch"]
+    assert (root / extra_commands["retouch"].split()[6]).is_file() and "--preset sd15" in extra_commands["retouch"]
 
 
 @pytest.mark.slow  # nine tiny retouches and generations: ~30 s on 2 busy cores
