@@ -43,6 +43,7 @@ import torch
 
 from pidrt.errors import PidrtError
 from pidrt.runtime.batching import BatchQueue, Entry, QueueClosed, QueueFull
+from pidrt.runtime.edit_requests import check_variant
 from pidrt.models.conditions import EAACondition, ScaleSchedule
 from pidrt.runtime.encoding import encode_image
 from pidrt.runtime.jobs import Job
@@ -239,7 +240,9 @@ class Generator:
         """Validate a request and fill in defaults (InvalidRequest names the bad field): the scale
         of the identity's method (adapter metadata, else the paper's) and, for an EAA identity,
         the step count it was enrolled for."""
-        return resolve_request(req, self.config, self.preset, self.scales, lambda ident: self.identity(ident).steps)
+        r = resolve_request(req, self.config, self.preset, self.scales, lambda ident: self.identity(ident).steps)
+        check_variant(r.edit, self.pipe)
+        return r
 
     def _check_identity(self, r: ResolvedRequest, ident: _Identity) -> None:
         if ident.method != "eaa":
@@ -362,7 +365,8 @@ class Generator:
         for j in jobs:
             r = j.request
             schedule = ScaleSchedule(r.scale, r.scale_start, r.scale_end)
-            specs += [ImageSpec(r.prompt, s, r.negative_prompt, j.condition, schedule) for s in r.seeds]
+            edit = None if r.edit is None else r.edit.edit
+            specs += [ImageSpec(r.prompt, s, r.negative_prompt, j.condition, schedule, edit=edit) for s in r.seeds]
 
         def on_step(i: int, steps: int) -> None:
             alive = False
@@ -422,9 +426,12 @@ class Generator:
             r = job.request
             clock = time.perf_counter()
             arrays = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            if r.edit is not None:  # restored faces go back into their photo
+                arrays = r.edit.finish(arrays)
+                pixels = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
             images = [
                 GeneratedImage(index=i, seed=seed, data=encode_image(arr, r.output_format, r.quality),
-                               format=r.output_format, width=r.width, height=r.height, identity=r.identity,
+                               format=r.output_format, width=arr.shape[1], height=arr.shape[0], identity=r.identity,
                                method=r.method, backend=self.backend, pixels=pixels[i].clone(),
                                latents=latents[i].clone())
                 for i, (seed, arr) in enumerate(zip(r.seeds, arrays))

@@ -130,6 +130,8 @@ class Pipeline:
         shape = (self.models.preset.vae.latent_channels, config.height // scale_f, config.width // scale_f)
         plan = EditPlan(self, sched, [s.edit for s in specs],
                         initial_noise([s.seed for s in specs], shape, self.dtype, self.device))
+        timings["vae_encode_s"] = time.perf_counter() - clock  # the edits' images (and the noise)
+        clock = time.perf_counter()
         x = plan.x
         conditions = ([s.condition for s in specs] * (2 if cfg else 1))
         halves = (["uncond"] * len(specs) if cfg else []) + ["cond"] * len(specs)

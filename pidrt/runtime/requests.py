@@ -6,12 +6,15 @@ import logging
 import math
 import re
 import secrets
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 
 from pidrt.errors import PidrtError
+
+if TYPE_CHECKING:
+    from pidrt.runtime.edit_requests import ResolvedEdit
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,7 @@ class GenerationRequest:
     seed: None (random, reported back), an int (image i gets seed + i) or one seed per image.
     identity: a stored identity id (`sca-…`, `ip-…`, `eaa-…`); `method`, if given, must match it.
     scale / scale_start / scale_end: the identity branch's scale on steps [start, end).
+    init_image .. inpainting: an edit of a photo (file bytes or a path; pidrt.runtime.edit_requests).
     """
 
     prompt: str
@@ -168,6 +172,13 @@ class GenerationRequest:
     quality: int | None = None
     scheduler: str | None = None
     timeout_s: float | None = None
+    init_image: bytes | str | None = None  # img2img / inpainting / face restoration (docs/edits.md)
+    mask: bytes | str | None = None  # transparent (alpha) or white (no alpha) = repaint
+    strength: float | None = None
+    restore_face: bool = False
+    upscale: float | None = None
+    face_only: bool = False
+    inpainting: str | None = None  # "blend" | "model"; None: the server's UNet
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,7 @@ class ResolvedRequest:
     quality: int
     scheduler: str
     timeout_s: float
+    edit: ResolvedEdit | None = None
 
     @property
     def batch_key(self) -> tuple:
@@ -198,8 +210,9 @@ class ResolvedRequest:
         return (self.width, self.height, self.steps, self.scheduler, float(self.guidance))
 
     def as_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, edit=None))  # the edit's pixels are not echoed
         d["seeds"] = list(self.seeds)
+        d["edit"] = None if self.edit is None else self.edit.describe()
         return d
 
 
@@ -233,7 +246,7 @@ class GenerationResult:
     created: int  # unix seconds
     request: ResolvedRequest
     images: list[GeneratedImage]
-    timings: dict[str, float]  # queue_s, text_encode_s, unet_loop_s, vae_decode_s, encode_s, total_s
+    timings: dict[str, float]  # queue_s, text_encode_s, vae_encode_s, unet_loop_s, vae_decode_s, encode_s, total_s
     batch: BatchInfo
     backend: str
     replica: str | None = None  # which server process ran it (Ray Serve replica), where that matters
@@ -357,11 +370,14 @@ def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset,
     else:
         number("seed", seed, 0, MAX_SEED - n + 1, integer=True)  # the last image's seed is seed + n - 1
         seeds = tuple(seed + i for i in range(n))
+    from pidrt.runtime.edit_requests import resolve_edit
+
+    edit = resolve_edit(req, width, height, steps, config.enroll_detector)
     return ResolvedRequest(
         prompt=req.prompt, negative_prompt=req.negative_prompt or "", identity=identity, method=method,
         scale=scale, scale_start=start, scale_end=end, steps=steps, guidance=guidance, seeds=seeds,
         width=width, height=height, n=n, output_format=fmt, quality=quality, scheduler=scheduler,
-        timeout_s=timeout,
+        timeout_s=timeout, edit=edit,
     )
 
 

@@ -1,0 +1,126 @@
+"""A request's edit fields (init image, mask, strength, face restoration), resolved and checked.
+
+`resolve_edit` turns a `GenerationRequest`'s edit fields into a `ResolvedEdit` at submission, so
+every bad input is an `InvalidRequest` (HTTP 400, CLI exit 2) before the request is queued: an
+unreadable image, a mask of another size or with nothing to repaint, a strength outside (0, 1]
+or one that runs no step, a photo without a face for `restore_face`. The resolved `Edit` is data
+of the request's images (`ImageSpec.edit`), so edits and plain generations of one shape share
+batches; face restoration's detection and alignment run here, its paste-back (`finish`) after
+generation, on the image-encoding threads.
+
+`inpainting` names the variant a masked edit asks for: "blend" (latent blending on a base
+4-channel UNet) or "model" (a 9-channel inpainting UNet). None takes the server's UNet;
+asking for the other one is refused by `check_variant` (the server cannot run it).
+
+Default strengths: diffusers' pipelines' (0.8 img2img, 1.0 inpainting) and
+`RestoreOptions.strength` (0.5) for face restoration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pidrt.errors import PidrtError
+from pidrt.runtime.edit_files import read_edit
+from pidrt.runtime.edits import Edit, is_inpainting_unet, start_step
+from pidrt.runtime.restore import MAX_UPSCALE, FaceTask, RestoreOptions, paste_back, prepare_face
+
+VARIANTS = ("blend", "model")
+IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0
+_FACE_FIELDS = ("upscale", "face_only")
+
+
+@dataclass(frozen=True, eq=False)
+class ResolvedEdit:
+    edit: Edit  # what each image of the request starts from (the aligned face crop when restoring)
+    start: int  # the first step it runs
+    face: FaceTask | None = None  # restore_face: where the crop goes back
+    upscale: float = 1.0
+    inpainting: str | None = None
+
+    def describe(self) -> dict:
+        """What the request's JSON echo and the CLI's sidecar show (no pixels)."""
+        return {"strength": self.edit.strength, "start_step": self.start, "mask": self.edit.mask is not None,
+                "restore_face": self.face is not None, "upscale": self.upscale,
+                "face_only": self.face is not None and self.edit.mask is not None, "inpainting": self.inpainting}
+
+    def finish(self, arrays: np.ndarray) -> list[np.ndarray]:
+        """The request's output images (RGB uint8 [H, W, 3]) from the generated ones: restored
+        faces are pasted back into the (upscaled) photo, other edits are the generation itself."""
+        return list(arrays) if self.face is None else [paste_back(self.face, a) for a in arrays]
+
+
+def _invalid(exc: PidrtError) -> PidrtError:
+    from pidrt.runtime.requests import InvalidRequest
+
+    return exc if isinstance(exc, InvalidRequest) else InvalidRequest(str(exc))
+
+
+def resolve_edit(req, width: int, height: int, steps: int, detector: str = "auto") -> ResolvedEdit | None:
+    """The edit of `req` (a GenerationRequest) for a width x height, `steps`-step generation;
+    None for a plain generation. InvalidRequest for anything that cannot run."""
+    from pidrt.runtime.requests import InvalidRequest
+
+    given = [name for name in ("mask", "strength", "upscale", "inpainting") if getattr(req, name) is not None]
+    given += [name for name in ("restore_face", "face_only") if getattr(req, name)]
+    if req.init_image is None:
+        if given:
+            raise InvalidRequest(f"{', '.join(given)}: only for an edit; give an init image (init_image)")
+        return None
+    strength = req.strength
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                 or not math.isfinite(strength) or not 0 < strength <= 1):
+        raise InvalidRequest(f"strength must be a number in (0, 1]; got {strength!r}")
+    if req.inpainting is not None and req.inpainting not in VARIANTS:
+        raise InvalidRequest(f"inpainting must be one of {list(VARIANTS)}; got {req.inpainting!r}")
+    try:
+        if req.restore_face:
+            resolved = _restore(req, width, height, strength, detector)
+        else:
+            if any(getattr(req, name) for name in _FACE_FIELDS):
+                raise InvalidRequest(f"{' and '.join(n for n in _FACE_FIELDS if getattr(req, n))} "
+                                     "apply to restore_face only")
+            if strength is None:
+                strength = IMG2IMG_STRENGTH if req.mask is None else INPAINT_STRENGTH
+            resolved = ResolvedEdit(read_edit(req.init_image, req.mask, strength, (width, height)), 0)
+        if req.inpainting is not None and resolved.edit.mask is None:
+            raise InvalidRequest(f"inpainting={req.inpainting!r} needs a mask (or a transparent region) to repaint")
+        start = start_step(steps, resolved.edit.strength)
+    except PidrtError as exc:
+        raise _invalid(exc) from None
+    return ResolvedEdit(resolved.edit, start, resolved.face, resolved.upscale, req.inpainting)
+
+
+def _restore(req, width: int, height: int, strength: float | None, detector: str) -> ResolvedEdit:
+    from pidrt.runtime.requests import InvalidRequest
+
+    if req.mask is not None:
+        raise InvalidRequest("restore_face takes no mask: it repaints the aligned face (face_only: its oval)")
+    if width != height:
+        raise InvalidRequest(f"restore_face runs on a square face crop; got size {width}x{height}")
+    upscale = 1.0 if req.upscale is None else req.upscale
+    if isinstance(upscale, bool) or not isinstance(upscale, (int, float)) or not math.isfinite(upscale):
+        raise InvalidRequest(f"upscale must be a number in [1, {MAX_UPSCALE:g}]; got {upscale!r}")
+    kw = {} if strength is None else {"strength": float(strength)}
+    options = RestoreOptions(upscale=float(upscale), face_only=bool(req.face_only), detector=detector, **kw)
+    task = prepare_face(req.init_image, width, options)
+    return ResolvedEdit(task.edit, 0, task, options.upscale)
+
+
+def check_variant(edit: ResolvedEdit | None, pipe) -> None:
+    """Refuse an inpainting variant the server's UNet cannot run (InvalidRequest)."""
+    from pidrt.runtime.requests import InvalidRequest
+
+    if edit is None or edit.inpainting is None:
+        return
+    has_model = is_inpainting_unet(pipe)
+    if edit.inpainting == "model" and not has_model:
+        raise InvalidRequest("inpainting='model' asks for an SD1.5 inpainting UNet, which this server does not "
+                             "run; start one with --preset sd15-inpainting or --model <an inpainting checkpoint>, "
+                             "or ask for inpainting='blend'")
+    if edit.inpainting == "blend" and has_model:
+        raise InvalidRequest("this server runs an inpainting UNet, which repaints through its mask channels and "
+                             "does not latent-blend; ask for inpainting='model' or leave inpainting out")
