@@ -158,7 +158,7 @@ class LocalEngine(Engine):
 # --------------------------------------------------------------------------------------- jobs
 @dataclass(frozen=True)
 class ServiceConfig:
-    max_upload_bytes: int = 10 * 1024 * 1024  # per face image
+    max_upload_bytes: int = 10 * 1024 * 1024  # per uploaded file (face photos, edit images and masks)
     max_upload_images: int = 8
     max_json_bytes: int = 1024 * 1024  # any body that is not a multipart upload (pidrt.serve.limits)
     max_jobs: int = 1024  # job records kept; the oldest finished ones go first
