@@ -5,7 +5,7 @@ every bad input is an `InvalidRequest` (HTTP 400, CLI exit 2) before the request
 unreadable image, a mask of another size or with nothing to repaint, a strength outside (0, 1]
 or one that runs no step, a photo without a face for `restore_face`. The resolved `Edit` is data
 of the request's images (`ImageSpec.edit`), so edits and plain generations of one shape share
-batches; face restoration's detection and alignment run here, its paste-back (`finish`) after
+batches; face restoration's detection and alignment run here, its paste-back (`ResolvedEdit.paste_back`) after
 generation, on the image-encoding threads.
 
 `inpainting` names the variant a masked edit asks for: "blend" (latent blending on a base
@@ -47,10 +47,9 @@ class ResolvedEdit:
                 "restore_face": self.face is not None, "upscale": self.upscale,
                 "face_only": self.face is not None and self.edit.mask is not None, "inpainting": self.inpainting}
 
-    def finish(self, arrays: np.ndarray) -> list[np.ndarray]:
-        """The request's output images (RGB uint8 [H, W, 3]) from the generated ones: restored
-        faces are pasted back into the (upscaled) photo, other edits are the generation itself."""
-        return list(arrays) if self.face is None else [paste_back(self.face, a) for a in arrays]
+    def paste_back(self, crops: np.ndarray) -> list[np.ndarray]:
+        """restore_face: the generated face crops (RGB uint8 [S, S, 3]) pasted back into the photo."""
+        return [paste_back(self.face, crop) for crop in crops]
 
 
 def _invalid(exc: PidrtError) -> PidrtError:
@@ -124,3 +123,25 @@ def check_variant(edit: ResolvedEdit | None, pipe) -> None:
     if edit.inpainting == "blend" and has_model:
         raise InvalidRequest("this server runs an inpainting UNet, which repaints through its mask channels and "
                              "does not latent-blend; ask for inpainting='model' or leave inpainting out")
+
+
+def add_edit_arguments(p) -> None:
+    """`pidrt generate`'s edit options (the request's edit fields)."""
+    from pathlib import Path
+
+    p.add_argument("--init-image", type=Path, help="edit this photo: img2img, inpainting with --mask, or --restore-face")
+    p.add_argument("--mask", type=Path, help="the region to repaint: transparent pixels (with alpha) or white")
+    p.add_argument("--strength", type=float, help="how much is regenerated, in (0, 1] (default 0.8 img2img, "
+                                                  "1.0 inpainting, 0.5 --restore-face)")
+    p.add_argument("--restore-face", action="store_true",
+                   help="detect and align the face of --init-image, regenerate it, paste it back")
+    p.add_argument("--upscale", type=float, help="--restore-face: enlarge the photo first, in [1, 8] (default 1)")
+    p.add_argument("--face-only", action="store_true", help="--restore-face: repaint only the face oval")
+    p.add_argument("--inpainting", choices=VARIANTS,
+                   help="refuse a masked edit unless the model inpaints this way (default: the model's)")
+
+
+def edit_fields(a) -> dict:
+    """The GenerationRequest fields of `add_edit_arguments`' options."""
+    return {"init_image": a.init_image, "mask": a.mask, "strength": a.strength, "restore_face": a.restore_face,
+            "upscale": a.upscale, "face_only": a.face_only, "inpainting": a.inpainting}

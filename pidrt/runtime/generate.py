@@ -2,6 +2,7 @@
 
     pidrt generate --prompt "a portrait" --face me.jpg --method ip --n 2 --out portraits/
     pidrt generate --prompt "a portrait" --identity ip-3f2a9c0d11b4e7a8 --store ~/.pidrt/identities --backend ort
+    pidrt generate --prompt "a portrait" --identity ip-3f2a9c0d11b4e7a8 --init-image old.jpg --restore-face --upscale 2
 
 The request is validated (with the HTTP API's messages) before any model loads. With `--face`
 the photos are enrolled first (a stored entry for the same photos and models is reused). Each
@@ -33,6 +34,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
 
     from pidrt.argtypes import RawDescriptionHelpFormatter, nonnegative_int, positive_float, positive_int
     from pidrt.identity.faces import BACKENDS
+    from pidrt.runtime.edit_requests import add_edit_arguments
 
     p = sub.add_parser("generate", help="make images (optionally of an identity) with the serving Generator",
                        description=__doc__, formatter_class=RawDescriptionHelpFormatter)
@@ -60,6 +62,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("."), help="a .png file or a folder (default: %(default)s)")
     p.add_argument("--detector", default="auto", choices=BACKENDS, help="face detector for --face")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_edit_arguments(p)
     p.set_defaults(func=cmd_generate)
     return p
 
@@ -67,6 +70,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
 def cmd_generate(a: argparse.Namespace) -> int:
     from pidrt.engines.options import Bucket, Buckets, backend_options_from_args
     from pidrt.models.presets import get_preset
+    from pidrt.runtime.edit_requests import edit_fields
     from pidrt.runtime.requests import GenerationRequest, GeneratorConfig, parse_size, resolve_request
     from pidrt.runtime.setup import runtime_options_from_args
     from pidrt.serve.factory import build_generator
@@ -80,7 +84,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     method = a.method or ("ip" if faces else None)
     request = GenerationRequest(a.prompt, a.negative_prompt, a.identity, method if a.identity else None, a.scale,
                                 a.scale_start, None, a.steps, a.guidance, a.seed, width, height, a.n, "png", None,
-                                a.scheduler)
+                                a.scheduler, **edit_fields(a))
     runtime = runtime_options_from_args(a)
     config = GeneratorConfig(max_batch=max(1, a.n), timeout_s=86400.0,
                              enroll_detector=a.detector)
@@ -134,6 +138,8 @@ def parameters_text(result, image, model: str, device: str) -> str:
     fields = {"Steps": r.steps, "Sampler": SAMPLERS.get(r.scheduler, r.scheduler), "CFG scale": r.guidance,
               "Seed": image.seed, "Size": f"{r.width}x{r.height}", "Model": model, "Backend": result.backend,
               "Device": device}
+    if r.edit is not None:  # image tools' name for an img2img strength
+        fields["Denoising strength"] = r.edit.edit.strength
     if r.identity:
         fields |= {"Identity": r.identity, "Identity method": r.method, "Identity scale": r.scale,
                    "Identity scale start": r.scale_start}
@@ -176,6 +182,7 @@ def write_outputs(result, out: Path, generator, enrolled=None) -> dict:
             "scale_end": r.scale_end, "steps": r.steps, "guidance": r.guidance, "scheduler": r.scheduler,
             "size": f"{r.width}x{r.height}", "backend": result.backend, "device": device,
             "dtype": str(generator.pipe.dtype).removeprefix("torch."), "model": model, "timings": result.timings,
+            "edit": None if r.edit is None else r.edit.describe(),
             "enrolled": None if enrolled is None else {"id": enrolled.identity_id, "created": enrolled.created,
                                                        "seconds": round(enrolled.seconds, 3)}}
     atomic_write(sidecar, (json.dumps(meta, indent=2) + "\n").encode())

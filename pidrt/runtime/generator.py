@@ -426,8 +426,8 @@ class Generator:
             r = job.request
             clock = time.perf_counter()
             arrays = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            if r.edit is not None:  # restored faces go back into their photo
-                arrays = r.edit.finish(arrays)
+            if r.edit is not None and r.edit.face is not None:  # restored faces go back into their photo
+                arrays = r.edit.paste_back(arrays)
                 pixels = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
             images = [
                 GeneratedImage(index=i, seed=seed, data=encode_image(arr, r.output_format, r.quality),
