@@ -19,7 +19,7 @@ Default strengths: diffusers' pipelines' (0.8 img2img, 1.0 inpainting) and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -33,6 +33,25 @@ IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0
 _FACE_FIELDS = ("upscale", "face_only")
 
 
+@dataclass(frozen=True)
+class EditSummary:
+    """What a result keeps of its edit once shipped or stored (no pixels): `ResolvedEdit.summary`."""
+
+    strength: float
+    start_step: int
+    mask: bool
+    restore_face: bool
+    upscale: float
+    face_only: bool
+    inpainting: str | None
+
+    def summary(self) -> "EditSummary":  # already light (a result shipped twice)
+        return self
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True, eq=False)
 class ResolvedEdit:
     edit: Edit  # what each image of the request starts from (the aligned face crop when restoring)
@@ -41,11 +60,14 @@ class ResolvedEdit:
     upscale: float = 1.0
     inpainting: str | None = None
 
+    def summary(self) -> EditSummary:
+        masked = self.edit.mask is not None
+        return EditSummary(self.edit.strength, self.start, masked, self.face is not None, self.upscale,
+                           self.face is not None and masked, self.inpainting)
+
     def describe(self) -> dict:
-        """What the request's JSON echo and the CLI's sidecar show (no pixels)."""
-        return {"strength": self.edit.strength, "start_step": self.start, "mask": self.edit.mask is not None,
-                "restore_face": self.face is not None, "upscale": self.upscale,
-                "face_only": self.face is not None and self.edit.mask is not None, "inpainting": self.inpainting}
+        """What the request's JSON echo and the CLI's sidecar show."""
+        return self.summary().describe()
 
     def paste_back(self, crops: np.ndarray) -> list[np.ndarray]:
         """restore_face: the generated face crops (RGB uint8 [S, S, 3]) pasted back into the photo."""

@@ -139,7 +139,7 @@ def parameters_text(result, image, model: str, device: str) -> str:
               "Seed": image.seed, "Size": f"{r.width}x{r.height}", "Model": model, "Backend": result.backend,
               "Device": device}
     if r.edit is not None:  # image tools' name for an img2img strength
-        fields["Denoising strength"] = r.edit.edit.strength
+        fields["Denoising strength"] = r.edit.describe()["strength"]
     if r.identity:
         fields |= {"Identity": r.identity, "Identity method": r.method, "Identity scale": r.scale,
                    "Identity scale start": r.scale_start}

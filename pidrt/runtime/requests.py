@@ -14,7 +14,7 @@ import torch
 from pidrt.errors import PidrtError
 
 if TYPE_CHECKING:
-    from pidrt.runtime.edit_requests import ResolvedEdit
+    from pidrt.runtime.edit_requests import EditSummary, ResolvedEdit
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class ResolvedRequest:
     quality: int
     scheduler: str
     timeout_s: float
-    edit: ResolvedEdit | None = None
+    edit: ResolvedEdit | EditSummary | None = None  # a summary once the result is shipped or stored
 
     @property
     def batch_key(self) -> tuple:
@@ -252,10 +252,13 @@ class GenerationResult:
     replica: str | None = None  # which server process ran it (Ray Serve replica), where that matters
 
     def without_tensors(self) -> "GenerationResult":
-        """A copy without pixel/latent tensors (cheaper to ship between processes)."""
+        """A copy without pixel/latent tensors (cheaper to ship between processes, and to keep):
+        an edit's images are dropped too, its summary kept."""
         images = [GeneratedImage(**{**{f.name: getattr(i, f.name) for f in fields(i)}, "pixels": None, "latents": None})
                   for i in self.images]
-        return GenerationResult(self.id, self.created, self.request, images, dict(self.timings), self.batch,
+        edit = self.request.edit
+        request = self.request if edit is None else replace(self.request, edit=edit.summary())
+        return GenerationResult(self.id, self.created, request, images, dict(self.timings), self.batch,
                                 self.backend, self.replica)
 
 

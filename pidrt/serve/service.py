@@ -170,9 +170,8 @@ class ServiceConfig:
 class JobRecord:
     """A job as the service keeps it: replayable events, the outcome, the engine handle. Loop-only."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self):  # not the request: an edit's uploaded files would outlive the job by job_ttl_s
         self.id = f"job-{uuid.uuid4().hex[:24]}"
-        self.request = request
         self.created = time.time()
         self.finished: float | None = None
         self.state = "queued"
@@ -301,7 +300,7 @@ class ImageService:
 
     async def create_job(self, request: GenerationRequest) -> JobRecord:
         self._gc()
-        rec = JobRecord(request)
+        rec = JobRecord()
         rec.running = await self._start(request, rec.add)
         self._jobs[rec.id] = rec
         self._inflight += 1

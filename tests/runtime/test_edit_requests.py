@@ -66,6 +66,8 @@ def test_edits_share_a_batch_with_plain_generations(gen, hold_worker):
                                                     "restore_face": False, "upscale": 1.0, "face_only": False,
                                                     "inpainting": None}
     assert results[2].request.edit.start == 1  # diffusers: int(3 * 0.7) = 2 steps run
+    light = results[2].without_tensors().request  # what job records keep and Ray ships: no pixels
+    assert light.edit == results[2].request.edit.summary() and light.as_dict() == results[2].request.as_dict()
     # Each equals the reference pipeline run alone on the same Edit.
     cfg = SamplingConfig(steps=STEPS, guidance=5.0, height=SIZE, width=SIZE)
     edits = [None, read_edit(PHOTO, MASK, 1.0), read_edit(PHOTO, None, 0.7)]
