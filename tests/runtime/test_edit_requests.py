@@ -1,5 +1,6 @@
 """Edits through the Generator: request fields -> the images' Edit, batches shared with plain
-generations, face restoration pasted back, inpainting variants, and the ORT backend vs torch.
+generations, face restoration pasted back, inpainting variants, and a lean ORT inpainting server
+vs torch.
 
 Tolerances: a request's images against the reference Pipeline run alone (another batch
 composition) within 1e-4 in [0, 1] (float32; BLAS takes other paths for other batch sizes); ORT vs
@@ -122,23 +123,30 @@ def test_inpainting_server_runs_plain_and_masked_requests():
         g.close()
 
 
-def test_ort_edits_match_torch(gen):
+def test_ort_inpainting_server_matches_torch():
+    """A lean ort server with an inpainting UNet (the torch VAE encoder kept, the decoder dropped):
+    plain, img2img and masked requests give the torch Generator's images."""
     pytest.importorskip("onnxruntime")
     from pidrt.engines.choose import open_backend
     from pidrt.export.testing import tiny_export
 
-    engines = tiny_export("none", kinds=("unet", "text_encoder", "vae_decoder"))  # shared with tests/engines
+    # The folder tests/engines/test_edit_runners.py exports (one export per process).
+    engines = tiny_export("none", kinds=("unet", "text_encoder", "vae_decoder", "vae_encoder"),
+                          preset="tiny-inpainting")
     options = BackendOptions(backend="ort", engines=engines, threads=1, methods=("none",),
                              buckets=Buckets.parse(f"4@{SIZE}x{SIZE}"), warmup=False)
-    opened = open_backend(options, Pipeline(build_random(TINY)), max_batch=4, progress=False)
+    opened = open_backend(options, Pipeline(build_random(TINY_INPAINTING)), max_batch=4, progress=False)
     ort = Generator(opened.pipeline, None, CONFIG, backend=opened.name, admit=opened.admit)
+    ref = Generator(Pipeline(build_random(TINY_INPAINTING)), None, CONFIG)
     try:
         assert ort.backend == "ort" and ort.pipe.models.vae.decoder is None  # lean: the encoder stays
         requests = [GenerationRequest("a portrait", seed=5, n=2, init_image=PHOTO, mask=MASK, strength=0.7),
-                    GenerationRequest("a portrait", seed=6, init_image=PHOTO, strength=0.7)]
+                    GenerationRequest("a portrait", seed=6, init_image=PHOTO, strength=0.7),
+                    GenerationRequest("a portrait", seed=7)]
         for request in requests:
-            got, want = ort.generate(request, timeout=120), gen.generate(request, timeout=120)
+            got, want = ort.generate(request, timeout=120), ref.generate(request, timeout=120)
             for a, b in zip(got.images, want.images):
                 assert (a.latents - b.latents).abs().max() <= TOL and (a.pixels - b.pixels).abs().max() <= TOL
     finally:
         ort.close()
+        ref.close()
