@@ -139,11 +139,11 @@ def check_variant(edit: ResolvedEdit | None, pipe) -> None:
         return
     has_model = is_inpainting_unet(pipe)
     if edit.inpainting == "model" and not has_model:
-        raise InvalidRequest("inpainting='model' asks for an SD1.5 inpainting UNet, which this server does not "
-                             "run; start one with --preset sd15-inpainting or --model <an inpainting checkpoint>, "
-                             "or ask for inpainting='blend'")
+        raise InvalidRequest("inpainting='model' needs an SD1.5 inpainting UNet and this model's is a base one; "
+                             "load one (a server: start it) with --preset sd15-inpainting or --model <an inpainting "
+                             "checkpoint>, or ask for inpainting='blend'")
     if edit.inpainting == "blend" and has_model:
-        raise InvalidRequest("this server runs an inpainting UNet, which repaints through its mask channels and "
+        raise InvalidRequest("this model's UNet is an inpainting UNet, which repaints through its mask channels and "
                              "does not latent-blend; ask for inpainting='model' or leave inpainting out")
 
 

@@ -60,7 +60,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="ddim (default) or dpm++2m")
     p.add_argument("--store", type=Path, default=Path("pidrt-store"), help="identity store (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("."), help="a .png file or a folder (default: %(default)s)")
-    p.add_argument("--detector", default="auto", choices=BACKENDS, help="face detector for --face")
+    p.add_argument("--detector", default="auto", choices=BACKENDS, help="face detector for --face and --restore-face")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_edit_arguments(p)
     p.set_defaults(func=cmd_generate)

@@ -84,7 +84,7 @@ def test_restore_face_returns_the_photo(app, photos, call):
     ({}, {"strength": "0.25"}, "runs no step out of 2"),
     ({}, {"strength": "strong"}, "strength: Input should be a valid number"),
     (dict(mask=None), {"restore_face": "true"}, "no face found"),
-    ({}, {"inpainting": "model"}, "inpainting='model' asks for an SD1.5 inpainting UNet"),
+    ({}, {"inpainting": "model"}, "inpainting='model' needs an SD1.5 inpainting UNet"),
     (dict(image=b"junk"), {}, "cannot decode the image"),
     (dict(image=b""), {}, "the image is empty"),
 ], ids=["mask-size", "empty-mask", "strength-0", "strength-1.5", "no-step", "not-a-number", "no-face",
