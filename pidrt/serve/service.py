@@ -123,7 +123,8 @@ class LocalEngine(Engine):
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
                     loop.call_soon_threadsafe(on_event, ev)
 
-        # Off the loop: a cold identity reads and verifies its store entry.
+        # Off the loop: a cold identity reads and verifies its store entry, an edit decodes its files
+        # (restore_face: detects and aligns the face).
         job = await asyncio.to_thread(self.generator.submit, request, callback)
         return _LocalRunning(job)
 
