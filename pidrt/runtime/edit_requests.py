@@ -24,11 +24,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pidrt.errors import PidrtError
+from pidrt.identity import faces
 from pidrt.runtime.edit_files import read_edit
 from pidrt.runtime.edits import Edit, is_inpainting_unet, start_step
 from pidrt.runtime.restore import MAX_UPSCALE, FaceTask, RestoreOptions, paste_back, prepare_face
 
 VARIANTS = ("blend", "model")
+# restore_face's output (the photo, upscaled) is held as uint8 RGB plus a float32 weight: 16 Mpx is
+# about 300 MB; a bigger ask is refused before it is allocated.
+MAX_RESTORED_PIXELS = 4096 * 4096
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0
 _FACE_FIELDS = ("upscale", "face_only")
 
@@ -127,7 +131,12 @@ def _restore(req, width: int, height: int, strength: float | None, detector: str
         raise InvalidRequest(f"upscale must be a number in [1, {MAX_UPSCALE:g}]; got {upscale!r}")
     kw = {} if strength is None else {"strength": float(strength)}
     options = RestoreOptions(upscale=float(upscale), face_only=bool(req.face_only), detector=detector, **kw)
-    task = prepare_face(req.init_image, width, options)
+    photo = faces.load_image(req.init_image, name="the photo to restore")
+    h, w = (round(side * options.upscale) for side in photo.shape[:2])
+    if h * w > MAX_RESTORED_PIXELS:
+        raise InvalidRequest(f"restoring would make a {w}x{h} photo; the limit is {MAX_RESTORED_PIXELS // 10**6} "
+                             "megapixels: lower upscale or send a smaller photo")
+    task = prepare_face(photo, width, options)
     return ResolvedEdit(task.edit, 0, task, options.upscale)
 
 

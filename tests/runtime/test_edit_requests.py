@@ -87,10 +87,11 @@ def test_edits_share_a_batch_with_plain_generations(gen, hold_worker):
     (dict(init_image=b"not an image"), "cannot decode the image"),
     (dict(mask=MASK), "give an init image"),
     (dict(init_image=PHOTO, upscale=2.0), "restore_face only"),
+    (dict(init_image=png(np.zeros((600, 600, 3), np.uint8)), restore_face=True, upscale=8.0), "the limit is 16 megap"),
     (dict(init_image=PHOTO, inpainting="blend"), "needs a mask"),
     (dict(init_image=PHOTO, mask=MASK, inpainting="model"), "needs an SD1.5 inpainting UNet and this model's is a base one; load one"),
 ], ids=["mask-size", "empty-mask", "strength-0", "strength-1.5", "no-step", "no-face", "bad-file", "mask-only",
-        "upscale-without-restore", "variant-without-mask", "no-inpainting-model"])
+        "upscale-without-restore", "restored-too-large", "variant-without-mask", "no-inpainting-model"])
 def test_bad_edits_are_invalid_requests(gen, fields, message):
     with pytest.raises(InvalidRequest, match=message):
         gen.submit(GenerationRequest("a portrait", **fields))

@@ -107,3 +107,12 @@ def test_edit_upload_limit(generator, call):
 
     r = call(small, go)
     assert r.status_code == 413 and r.json()["error"]["type"] == "upload_too_large"
+
+
+def test_generations_take_no_edit_fields(app, call):
+    """Edits come as uploads only: a JSON path would make the server read its own files."""
+    async def go(c):
+        return await c.post("/v1/images/generations", json={"prompt": "p", "init_image": "/etc/hostname"})
+
+    r = call(app, go)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "init_image"
