@@ -27,6 +27,7 @@ from pidrt.errors import PidrtError
 from pidrt.identity import faces
 from pidrt.runtime.edit_files import read_edit
 from pidrt.runtime.edits import Edit, is_inpainting_unet, start_step
+from pidrt.runtime.requests import InvalidRequest
 from pidrt.runtime.restore import MAX_UPSCALE, FaceTask, RestoreOptions, paste_back, prepare_face
 
 VARIANTS = ("blend", "model")
@@ -78,17 +79,9 @@ class ResolvedEdit:
         return [paste_back(self.face, crop) for crop in crops]
 
 
-def _invalid(exc: PidrtError) -> PidrtError:
-    from pidrt.runtime.requests import InvalidRequest
-
-    return exc if isinstance(exc, InvalidRequest) else InvalidRequest(str(exc))
-
-
 def resolve_edit(req, width: int, height: int, steps: int, detector: str = "auto") -> ResolvedEdit | None:
     """The edit of `req` (a GenerationRequest) for a width x height, `steps`-step generation;
     None for a plain generation. InvalidRequest for anything that cannot run."""
-    from pidrt.runtime.requests import InvalidRequest
-
     given = [name for name in ("mask", "strength", "upscale", "inpainting") if getattr(req, name) is not None]
     given += [name for name in ("restore_face", "face_only") if getattr(req, name)]
     if req.init_image is None:
@@ -101,27 +94,30 @@ def resolve_edit(req, width: int, height: int, steps: int, detector: str = "auto
         raise InvalidRequest(f"strength must be a number in (0, 1]; got {strength!r}")
     if req.inpainting is not None and req.inpainting not in VARIANTS:
         raise InvalidRequest(f"inpainting must be one of {list(VARIANTS)}; got {req.inpainting!r}")
+    face, upscale = None, 1.0
     try:
         if req.restore_face:
-            resolved = _restore(req, width, height, strength, detector)
+            face, upscale = _restore(req, width, height, strength, detector)
+            edit = face.edit
         else:
             if any(getattr(req, name) for name in _FACE_FIELDS):
                 raise InvalidRequest(f"{' and '.join(n for n in _FACE_FIELDS if getattr(req, n))} "
                                      "apply to restore_face only")
             if strength is None:
                 strength = IMG2IMG_STRENGTH if req.mask is None else INPAINT_STRENGTH
-            resolved = ResolvedEdit(read_edit(req.init_image, req.mask, strength, (width, height)), 0)
-        if req.inpainting is not None and resolved.edit.mask is None:
+            edit = read_edit(req.init_image, req.mask, strength, (width, height))
+        if req.inpainting is not None and edit.mask is None:
             raise InvalidRequest(f"inpainting={req.inpainting!r} needs a mask (or a transparent region) to repaint")
-        start = start_step(steps, resolved.edit.strength)
-    except PidrtError as exc:
-        raise _invalid(exc) from None
-    return ResolvedEdit(resolved.edit, start, resolved.face, resolved.upscale, req.inpainting)
+        start = start_step(steps, edit.strength)
+    except InvalidRequest:
+        raise
+    except PidrtError as exc:  # unreadable files, no face, a strength that runs no step, ...
+        raise InvalidRequest(str(exc)) from None
+    return ResolvedEdit(edit, start, face, upscale, req.inpainting)
 
 
-def _restore(req, width: int, height: int, strength: float | None, detector: str) -> ResolvedEdit:
-    from pidrt.runtime.requests import InvalidRequest
-
+def _restore(req, width: int, height: int, strength: float | None, detector: str) -> tuple[FaceTask, float]:
+    """The prepared face of a restore_face request, and its upscale."""
     if req.mask is not None:
         raise InvalidRequest("restore_face takes no mask: it repaints the aligned face (face_only: its oval)")
     if width != height:
@@ -136,14 +132,11 @@ def _restore(req, width: int, height: int, strength: float | None, detector: str
     if h * w > MAX_RESTORED_PIXELS:
         raise InvalidRequest(f"restoring would make a {w}x{h} photo; the limit is {MAX_RESTORED_PIXELS // 10**6} "
                              "megapixels: lower upscale or send a smaller photo")
-    task = prepare_face(photo, width, options)
-    return ResolvedEdit(task.edit, 0, task, options.upscale)
+    return prepare_face(photo, width, options), options.upscale
 
 
 def check_variant(edit: ResolvedEdit | None, pipe) -> None:
     """Refuse an inpainting variant the server's UNet cannot run (InvalidRequest)."""
-    from pidrt.runtime.requests import InvalidRequest
-
     if edit is None or edit.inpainting is None:
         return
     has_model = is_inpainting_unet(pipe)
