@@ -240,9 +240,7 @@ class Generator:
         """Validate a request and fill in defaults (InvalidRequest names the bad field): the scale
         of the identity's method (adapter metadata, else the paper's) and, for an EAA identity,
         the step count it was enrolled for."""
-        r = resolve_request(req, self.config, self.preset, self.scales, lambda ident: self.identity(ident).steps)
-        check_variant(r.edit, self.pipe)
-        return r
+        return resolve_request(req, self.config, self.preset, self.scales, lambda ident: self.identity(ident).steps)
 
     def _check_identity(self, r: ResolvedRequest, ident: _Identity) -> None:
         if ident.method != "eaa":
@@ -265,6 +263,7 @@ class Generator:
             if self._closed:
                 raise GeneratorClosed("the generator is shutting down")
             r = request if isinstance(request, ResolvedRequest) else self.resolve(request)
+            check_variant(r.edit, self.pipe)  # an inpainting variant this UNet cannot run
             if self._admit is not None:
                 self._admit(r)
             condition = None
