@@ -33,6 +33,10 @@ def cmd_enroll(a: argparse.Namespace) -> int:
     from pidrt.identity.store import IdentityStore
     from pidrt.runtime.setup import build_runtime
 
+    if (a.method == "tokens") != (a.tokens is not None) or (a.method == "tokens") == bool(a.face):
+        raise PidrtError("--method tokens takes --tokens FILE and no --face; sca, ip and eaa take --face photos")
+    if a.method == "tokens":
+        return _enroll_tokens(a)
     images = []
     for path in a.face:
         if not path.is_file():
@@ -51,17 +55,35 @@ def cmd_enroll(a: argparse.Namespace) -> int:
     return 0
 
 
+def _enroll_tokens(a: argparse.Namespace) -> int:
+    from pidrt.identity.enroll import Enroller
+    from pidrt.identity.store import IdentityStore
+    from pidrt.runtime.setup import build_runtime
+
+    from pidrt.identity.token_files import load_tokens
+    from pidrt.models.presets import get_preset
+
+    load_tokens(a.tokens, get_preset(a.preset).text.hidden_size, a.placeholder)  # a bad file fails before models load
+    store = IdentityStore(a.store)
+    pipe, encoders = build_runtime(runtime_options_from_args(a))  # the text encoder's width, the base model
+    result = Enroller(pipe, store, encoders).enroll_tokens(a.tokens.read_bytes(), str(a.tokens), a.placeholder)
+    print(json.dumps({"id": result.identity_id, "method": result.method, "created": result.created,
+                      "seconds": round(result.seconds, 3)}))
+    return 0
+
+
 def cmd_identities(a: argparse.Namespace) -> int:
     from pidrt.identity.store import IdentityStore
+    from pidrt.identity.token_store import summary
 
     store = IdentityStore(a.store, create=False)  # only writers create stores
     if a.action == "list":
         for e in store.list():
-            print(json.dumps({"id": e.id, "method": e.method, "created": e.created, "bytes": e.size}))
+            print(json.dumps({"id": e.id, "method": e.method, "created": e.created, "bytes": e.size, **summary(e)}))
     elif a.action == "show":
         e = store.show(a.id)
         print(json.dumps({"id": e.id, "method": e.method, "created": e.created, "bytes": e.size, "key": e.key,
-                          "meta": e.meta, "tensors": len(e.tensors)}, indent=2, default=str))
+                          "meta": e.meta, "tensors": len(e.tensors), **summary(e)}, indent=2, default=str))
     else:
         store.delete(a.id)
         print(json.dumps({"deleted": a.id}))
@@ -205,10 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", choices=DETECTORS, default="auto", help="face detector")
     p.set_defaults(func=cmd_demo)
 
-    p = _command(sub, "enroll", "enroll face images as an identity; prints its id")
+    p = _command(sub, "enroll", "enroll face images (or import a token file) as an identity; prints its id")
     add_runtime_arguments(p)
-    p.add_argument("--method", choices=["sca", "ip", "eaa"], required=True, help="identity method")
-    p.add_argument("--face", type=Path, nargs="+", required=True, help="face photos of one person")
+    p.add_argument("--method", choices=["sca", "ip", "eaa", "tokens"], required=True, help="identity method")
+    p.add_argument("--face", type=Path, nargs="+", help="face photos of one person (sca, ip, eaa)")
+    p.add_argument("--tokens", type=Path, help="--method tokens: a token file (pidrt, diffusers or A1111 "
+                                               "textual inversion; docs/token-identities.md)")
+    p.add_argument("--placeholder", help="--method tokens: the prompt word it stands for (default: the file's)")
     p.add_argument("--store", type=Path, required=True, help="identity store folder (created if missing)")
     p.add_argument("--steps", type=positive_int, default=50,
                    help="EAA: sampling steps the features are for (its generations default to it)")

@@ -20,7 +20,7 @@ import torch
 from pidrt import __version__
 from pidrt.engines.base import Availability
 from pidrt.engines.engine_cache import CACHE_FORMAT, EngineCache
-from pidrt.engines.pipeline_adapter import RunnerPipeline
+from pidrt.engines.pipeline_adapter import LAYER_CONTEXTS, RunnerPipeline
 from pidrt.engines.runners import Runners, TextRunner, UNetRunner, VAEDecoderRunner, open_graph
 from pidrt.errors import PidrtError
 from pidrt.export.manifest import GraphEntry, find_graph
@@ -48,6 +48,10 @@ class GraphPipeline(RunnerPipeline):
         super().__init__(models, runners, device, dtype)
         self.unets, self.backend = unets, backend
         self.record_unavailable: str | None = None
+
+    @property
+    def layer_contexts_unavailable(self) -> str | None:
+        return LAYER_CONTEXTS if self.unets else None
 
     @torch.no_grad()
     def unet(self, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:

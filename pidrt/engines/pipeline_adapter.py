@@ -38,10 +38,13 @@ def state_feed(spec: ModelSpec, state: BranchState, sample: torch.Tensor, timest
                      state.maps)
 
 
+LAYER_CONTEXTS = ("token identities with the 'layers' reading (per-layer contexts) run on the torch backend only; "
+                  "exported graphs take one K and one V context (docs/token-identities.md)")
+
+
 def _check_contexts(state: BranchState) -> None:
     if state.layer_contexts is not None:
-        raise PidrtError("token identities with the 'layers' reading (per-layer contexts) run on the torch "
-                         "backend only; exported graphs take one K and one V context (docs/token-identities.md)")
+        raise PidrtError(LAYER_CONTEXTS)
 
 
 class RunnerPipeline(Pipeline):
@@ -51,6 +54,12 @@ class RunnerPipeline(Pipeline):
                  dtype: torch.dtype = torch.float32):
         super().__init__(models, device, dtype)
         self.runners = runners
+
+    @property
+    def layer_contexts_unavailable(self) -> str | None:
+        """Why UNet calls here cannot take per-layer contexts (a server refuses such requests at
+        admission), or None."""
+        return None if self.runners.unet is None else LAYER_CONTEXTS
 
     @torch.no_grad()
     def unet(self, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:

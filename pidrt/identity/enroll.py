@@ -28,6 +28,7 @@ from pidrt.identity.artifacts import (
 from pidrt.identity.device_cache import DeviceCache
 from pidrt.identity.e4e import E4EEncoder, aggregate, image_to_tensor
 from pidrt.identity.image_encoder import ClipImageEncoder
+from pidrt.identity.token_store import import_token_bytes, stored_tokens
 from pidrt.identity.store import (
     IdentityKey,
     IdentityStore,
@@ -38,6 +39,7 @@ from pidrt.models.adapters import EAAAdapter, IPAdapterWeights, SCAAdapter
 from pidrt.models.branches import IPIdentity, SCAIdentity, few_token_payloads
 from pidrt.models.image_proj import MLPProjModel
 from pidrt.models.conditions import Condition, FoldedCondition
+from pidrt.models.tokens import TokenIdentity
 from pidrt.runtime.inversion import eaa_features, invert_and_record
 from pidrt.runtime.pipeline import Pipeline
 
@@ -170,7 +172,16 @@ class Enroller:
         ident, _, meta, created = self.store.get_or_create(key, lambda: self._build(images, opts))
         return Enrollment(ident, opts.method, created, time.perf_counter() - clock, meta.get("face_detector"))
 
-    def condition(self, identity_id: str) -> Condition:
+    def enroll_tokens(self, data: bytes, name: str = "tokens", placeholder: str | None = None) -> Enrollment:
+        """A token file's bytes (any layout of pidrt.identity.token_files) into the store."""
+        clock = time.perf_counter()
+        ident, created = import_token_bytes(self.store, data, name, self.base_fingerprint(),
+                                            self.pipe.models.preset.text.hidden_size, placeholder)
+        return Enrollment(ident, "tokens", created, time.perf_counter() - clock)
+
+    def condition(self, identity_id: str) -> Condition | TokenIdentity:
+        if identity_id.startswith("tokens-"):  # a few KiB on the host: the device cache is not for it
+            return stored_tokens(self.store, identity_id)
         if self.device_cache is None:
             tensors, meta = self.store.get(identity_id)
         else:

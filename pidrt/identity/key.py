@@ -18,7 +18,8 @@ import torch
 
 from pidrt.errors import PidrtError
 
-METHODS = ("sca", "eaa", "ip")
+# "tokens": token identities (pidrt.identity.token_store), imported from files rather than enrolled from photos.
+METHODS = ("sca", "eaa", "ip", "tokens")
 ID_RE = re.compile(r"^(%s)-[0-9a-f]{16}$" % "|".join(METHODS))
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 

@@ -3,9 +3,11 @@
     pidrt generate --prompt "a portrait" --face me.jpg --method ip --n 2 --out portraits/
     pidrt generate --prompt "a portrait" --identity ip-3f2a9c0d11b4e7a8 --store ~/.pidrt/identities --backend ort
     pidrt generate --prompt "a portrait" --identity ip-3f2a9c0d11b4e7a8 --init-image old.jpg --restore-face --upscale 2
+    pidrt generate --prompt "a photo of <me> at the beach" --tokens me.safetensors --identity ip-3f2a9c0d11b4e7a8
 
 The request is validated (with the HTTP API's messages) before any model loads. With `--face`
-the photos are enrolled first (a stored entry for the same photos and models is reused). Each
+the photos are enrolled first (a stored entry for the same photos and models is reused), and so
+is a `--tokens` file (a token identity: its placeholder must be in the prompt). Each
 image is a PNG whose "parameters" text chunk carries the generation parameters in the line format
 image tools read (prompt; "Negative prompt: ..."; "Steps: .., Sampler: .., CFG scale: .., Seed: ..,
 Size: ..", plus pidrt's identity fields), and one JSON sidecar describes the run.
@@ -47,6 +49,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     who.add_argument("--face", type=Path, nargs="+", help="photos of one person, enrolled first")
     p.add_argument("--method", choices=["sca", "ip", "eaa"],
                    help="with --face: how to enroll (default ip); with --identity: must be the id's")
+    p.add_argument("--tokens", help="a token identity: a stored id (tokens-…) or a token file, imported first; "
+                                    "write its placeholder in --prompt (docs/token-identities.md)")
+    p.add_argument("--placeholder", help="with a --tokens file: the prompt word it stands for (default: the file's)")
     p.add_argument("--scale", type=float, help="identity strength (default: the method's paper default, SCA 0.4, "
                                                "EAA 0.8, IP-Adapter 1.0, or the adapter file's)")
     p.add_argument("--scale-start", type=nonnegative_int, default=0, help="first step the identity branch acts on")
@@ -82,9 +87,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
         faces.append(path.read_bytes())
     width, height = parse_size(a.size)
     method = a.method or ("ip" if faces else None)
+    token_file = Path(a.tokens) if a.tokens and Path(a.tokens).is_file() else None
+    if a.tokens and token_file is None and not a.tokens.startswith("tokens-"):
+        raise PidrtError(f"--tokens {a.tokens}: no such token file, and not a token identity id (tokens-…)")
     request = GenerationRequest(a.prompt, a.negative_prompt, a.identity, method if a.identity else None, a.scale,
                                 a.scale_start, None, a.steps, a.guidance, a.seed, width, height, a.n, "png", None,
-                                a.scheduler, **edit_fields(a))
+                                a.scheduler, tokens=None if token_file else a.tokens, **edit_fields(a))
     runtime = runtime_options_from_args(a)
     config = GeneratorConfig(max_batch=max(1, a.n), timeout_s=86400.0,
                              enroll_detector=a.detector)
@@ -109,9 +117,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
             options = {"resolution": resolved.width, "steps": a.steps or EnrollOptions.steps} if method == "eaa" else {}
             enrolled = generator.enroll(faces, method, names=tuple(str(p) for p in a.face), **options)
             identity = enrolled.identity_id
+        tokens = request.tokens
+        if token_file is not None:
+            tokens = generator.enroll([token_file.read_bytes()], "tokens", names=(str(token_file),),
+                                      placeholder=a.placeholder).identity_id
         # Again with the generator's own defaults: the method's scale (adapter metadata, else the
         # paper's) and an EAA identity's recorded step count; the seeds drawn above are kept.
-        resolved = generator.resolve(dataclasses.replace(request, identity=identity, seed=list(resolved.seeds)))
+        resolved = generator.resolve(dataclasses.replace(request, identity=identity, tokens=tokens,
+                                                         seed=list(resolved.seeds)))
         result = _run(generator, resolved, progress=not a.no_progress)
     finally:
         generator.close()
@@ -143,6 +156,8 @@ def parameters_text(result, image, model: str, device: str) -> str:
     if r.identity:
         fields |= {"Identity": r.identity, "Identity method": r.method, "Identity scale": r.scale,
                    "Identity scale start": r.scale_start}
+    if r.tokens:
+        fields["Tokens"] = r.tokens
     from pidrt import __version__
 
     fields["Version"] = f"pidrt {__version__}"
@@ -178,7 +193,7 @@ def write_outputs(result, out: Path, generator, enrolled=None) -> dict:
         atomic_write(path, png_with_parameters(image.data, parameters_text(result, image, model, device)))
     meta = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seeds": list(r.seeds),
             "images": [{"file": p.name, "seed": i.seed} for p, i in zip(images, result.images)],
-            "identity": r.identity, "method": r.method, "scale": r.scale, "scale_start": r.scale_start,
+            "identity": r.identity, "method": r.method, "tokens": r.tokens, "scale": r.scale, "scale_start": r.scale_start,
             "scale_end": r.scale_end, "steps": r.steps, "guidance": r.guidance, "scheduler": r.scheduler,
             "size": f"{r.width}x{r.height}", "backend": result.backend, "device": device,
             "dtype": str(generator.pipe.dtype).removeprefix("torch."), "model": model, "timings": result.timings,

@@ -65,6 +65,7 @@ from pidrt.runtime.requests import (
     resolve_request,
 )
 from pidrt.runtime.text_cache import TextEmbeddingCache
+from pidrt.runtime.token_requests import admit_tokens, enroll_tokens
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,10 @@ class Generator:
         with self._id_lock:
             self._id_stats["misses"] += 1
             if self.config.identity_cache_size:
-                # With a device cache the condition's tensors belong to it (and its budget).
-                cached = ident if enroller.device_cache is None else _Identity(None, method, ident.steps, ident.resolution)
+                # With a device cache the condition's tensors belong to it (and its budget);
+                # token identities are small host tensors it does not hold.
+                keep = enroller.device_cache is None or method == "tokens"
+                cached = ident if keep else _Identity(None, method, ident.steps, ident.resolution)
                 self._identities[identity_id] = cached
                 while len(self._identities) > self.config.identity_cache_size:
                     self._identities.popitem(last=False)
@@ -209,10 +212,12 @@ class Generator:
         from pidrt.identity.enroll import EnrollOptions
 
         enroller = self._require_store()
-        if method not in METHODS:
-            raise InvalidRequest(f"unknown method {method!r}; choose one of {list(METHODS)}")
         if self._closed:
             raise GeneratorClosed("the generator is shutting down")
+        if method == "tokens":  # one token file (pidrt.identity.token_store); the options a face needs do not apply
+            return enroll_tokens(enroller, images, steps=steps, **options)
+        if method not in METHODS:
+            raise InvalidRequest(f"unknown method {method!r}; choose one of {list(METHODS) + ['tokens']}")
         steps = self.config.defaults.steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.config.limits.max_steps:
             raise InvalidRequest(f"steps must be an integer in 1..{self.config.limits.max_steps}; got {steps!r}")
@@ -255,6 +260,16 @@ class Generator:
             raise InvalidRequest(f"EAA identity {r.identity} was enrolled at {ident.resolution}x{ident.resolution}; "
                                  f"this request asks for {r.width}x{r.height}")
 
+    def _tokens(self, r: ResolvedRequest):
+        """The request's TokenIdentity (None without one), checked with its prompt against this
+        model and backend (pidrt.runtime.token_requests)."""
+        tokens = self.identity(r.tokens).condition if r.tokens is not None else None
+        cross = [layer.name for layer in getattr(self.pipe, "layers", ()) if layer.kind == "cross"]
+        admit_tokens(r.prompt, tokens, r.tokens, text_dim=self.preset.text.hidden_size, cross_layers=cross,
+                     base_model=lambda: self._require_store().base_fingerprint(),
+                     layers_refusal=getattr(self.pipe, "layer_contexts_unavailable", None))
+        return tokens
+
     def submit(self, request: GenerationRequest | ResolvedRequest,
                on_event: Callable[[Event], None] | None = None) -> Job:
         """Validate and enqueue; returns at once. Raises InvalidRequest, UnknownIdentityError,
@@ -271,7 +286,8 @@ class Generator:
                 ident = self.identity(r.identity)
                 self._check_identity(r, ident)
                 condition = ident.condition if ident.condition is not None else self._require_store().condition(r.identity)
-            job = Job(self, r, condition, on_event)
+            tokens = self._tokens(r)
+            job = Job(self, r, condition, on_event, tokens)
             job.entry = Entry(r.batch_key, r.method, r.n, job)
             with job._lock:
                 try:
@@ -365,7 +381,8 @@ class Generator:
             r = j.request
             schedule = ScaleSchedule(r.scale, r.scale_start, r.scale_end)
             edit = None if r.edit is None else r.edit.edit
-            specs += [ImageSpec(r.prompt, s, r.negative_prompt, j.condition, schedule, edit=edit) for s in r.seeds]
+            specs += [ImageSpec(r.prompt, s, r.negative_prompt, j.condition, schedule, j.tokens, edit=edit)
+                      for s in r.seeds]
 
         def on_step(i: int, steps: int) -> None:
             alive = False

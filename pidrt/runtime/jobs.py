@@ -25,10 +25,11 @@ class Job:
     """A submitted request. Thread-safe; listeners are called in event order, under the job's
     lock, from whichever thread produced the event (keep them short and non-blocking)."""
 
-    def __init__(self, generator: "Generator", request: ResolvedRequest, condition, on_event=None):
+    def __init__(self, generator: "Generator", request: ResolvedRequest, condition, on_event=None, tokens=None):
         self.id = f"gen-{uuid.uuid4().hex[:20]}"
         self.request = request
         self.condition = condition
+        self.tokens = tokens  # the request's TokenIdentity (pidrt.models.tokens), or None
         self.created = time.time()
         self.submitted = time.monotonic()
         self.deadline = self.submitted + request.timeout_s

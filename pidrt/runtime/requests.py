@@ -151,6 +151,8 @@ class GenerationRequest:
 
     seed: None (random, reported back), an int (image i gets seed + i) or one seed per image.
     identity: a stored identity id (`sca-…`, `ip-…`, `eaa-…`); `method`, if given, must match it.
+    tokens: a stored token identity id (`tokens-…`) whose placeholder the prompt contains; it
+    composes with `identity` (docs/token-identities.md).
     scale / scale_start / scale_end: the identity branch's scale on steps [start, end).
     init_image .. inpainting: an edit of a photo (file bytes or a path; pidrt.runtime.edit_requests).
     """
@@ -172,6 +174,7 @@ class GenerationRequest:
     quality: int | None = None
     scheduler: str | None = None
     timeout_s: float | None = None
+    tokens: str | None = None
     init_image: bytes | str | None = None  # img2img / inpainting / face restoration (docs/edits.md)
     mask: bytes | str | None = None  # transparent (alpha) or white (no alpha) = repaint
     strength: float | None = None
@@ -202,6 +205,7 @@ class ResolvedRequest:
     quality: int
     scheduler: str
     timeout_s: float
+    tokens: str | None = None
     edit: ResolvedEdit | EditSummary | None = None  # a summary once the result is shipped or stored
 
     @property
@@ -318,6 +322,10 @@ def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset,
         if len(text) > lim.max_prompt_chars:
             raise InvalidRequest(f"{name} is {len(text)} characters; the limit is {lim.max_prompt_chars}")
     identity, method = _identity_and_method(req)
+    from pidrt.runtime.token_requests import check_identity_field, check_tokens_field
+
+    check_identity_field(identity)
+    tokens = check_tokens_field(req.tokens)
     steps = req.steps
     if steps is None:
         recorded = recorded_steps(identity) if method == "eaa" and recorded_steps is not None else None
@@ -380,7 +388,7 @@ def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset,
         prompt=req.prompt, negative_prompt=req.negative_prompt or "", identity=identity, method=method,
         scale=scale, scale_start=start, scale_end=end, steps=steps, guidance=guidance, seeds=seeds,
         width=width, height=height, n=n, output_format=fmt, quality=quality, scheduler=scheduler,
-        timeout_s=timeout, edit=edit,
+        timeout_s=timeout, tokens=tokens, edit=edit,
     )
 
 

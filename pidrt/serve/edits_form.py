@@ -45,6 +45,7 @@ def edit_form(max_upload_bytes: int):
                     quality: Optional[str] = Form(None),
                     negative_prompt: str = Form(""),
                     identity: Optional[str] = Form(None),
+                    tokens: Optional[str] = Form(None),
                     method: Optional[str] = Form(None),
                     scale: Optional[float] = Form(None),
                     scale_start: int = Form(0),
@@ -66,7 +67,7 @@ def edit_form(max_upload_bytes: int):
             prompt=prompt, negative_prompt=negative_prompt, identity=identity, method=method, scale=scale,
             scale_start=scale_start, scale_end=scale_end, steps=steps, guidance=guidance, seed=seed, width=width,
             height=height, n=n, output_format=output_format, quality=output_compression, scheduler=scheduler,
-            timeout_s=timeout_s, init_image=await _read(image, "image", max_upload_bytes),
+            timeout_s=timeout_s, tokens=tokens, init_image=await _read(image, "image", max_upload_bytes),
             mask=None if mask is None else await _read(mask, "mask", max_upload_bytes), strength=strength,
             restore_face=restore_face, upscale=upscale, face_only=face_only, inpainting=inpainting)
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from pidrt.identity.token_store import summary
 from pidrt.runtime.requests import (
     Event,
     GenerationRequest,
@@ -42,6 +43,7 @@ class GenerationBody(BaseModel):
     negative_prompt: StrictStr = ""
     identity: StrictStr | None = None
     method: StrictStr | None = None
+    tokens: StrictStr | None = Field(None, description="a token identity id (tokens-…); its placeholder goes in the prompt")
     scale: Number | None = None
     scale_start: StrictInt = 0
     scale_end: StrictInt | None = None
@@ -60,7 +62,7 @@ class GenerationBody(BaseModel):
             scale=self.scale, scale_start=self.scale_start, scale_end=self.scale_end, steps=self.steps,
             guidance=self.guidance, seed=self.seed, width=width, height=height, n=self.n,
             output_format=self.output_format, quality=self.output_compression, scheduler=self.scheduler,
-            timeout_s=self.timeout_s,
+            timeout_s=self.timeout_s, tokens=self.tokens,
         )
 
 
@@ -77,6 +79,7 @@ def result_body(result: GenerationResult, extra: dict | None = None) -> dict[str
                 "seed": img.seed,
                 "identity": img.identity,
                 "method": img.method,
+                "tokens": r.tokens,
                 "scale": r.scale,  # the identity strength used (the method's default when not asked)
                 "backend": img.backend,
                 "width": img.width,
@@ -129,4 +132,5 @@ def identity_body(entry) -> dict[str, Any]:
         "params": dict(entry.key.params),
         "references": len(entry.key.images),
         "meta": dict(entry.meta),
+        **({"tokens": summary(entry)} if entry.method == "tokens" else {}),
     }

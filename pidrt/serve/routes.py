@@ -103,15 +103,32 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
 
     # ------------------------------------------------------------------ identities
     @app.post("/v1/identities", status_code=201)
-    async def enroll(images: list[UploadFile] = File(..., description="face photos (one person)"),
+    async def enroll(images: Optional[list[UploadFile]] = File(None, description="face photos (one person)"),
                      method: str = Form("ip"),
                      steps: Optional[int] = Form(None),
                      caption: Optional[str] = Form(None),
-                     face_policy: Optional[str] = Form(None)):
-        if len(images) > cfg.max_upload_images:
-            raise UploadError(f"{len(images)} images uploaded; the limit is {cfg.max_upload_images}")
+                     face_policy: Optional[str] = Form(None),
+                     tokens: Optional[UploadFile] = File(None, description="method=tokens: a token file"),
+                     placeholder: Optional[str] = Form(None)):
+        if method == "tokens":  # one token file instead of photos (docs/token-identities.md)
+            if images or tokens is None:
+                raise UploadError("method=tokens takes one token file in the `tokens` field and no images")
+            data, names = await _read_uploads([tokens])
+            options = {"placeholder": placeholder, "caption": caption, "face_policy": face_policy, "steps": steps}
+        else:
+            if not images or tokens is not None:
+                raise UploadError("enrollment takes face photos in the `images` field (a token file: method=tokens)")
+            data, names = await _read_uploads(images)
+            options = {"caption": caption, "face_policy": face_policy, "steps": steps}
+        out = await service.enroll(data, method, {**options, "names": tuple(names)})
+        return {"object": "identity", "id": out["identity_id"], "method": out["method"], "created": out["created"],
+                "seconds": round(out["seconds"], 4)}
+
+    async def _read_uploads(uploads: list[UploadFile]) -> tuple[list[bytes], list[str]]:
+        if len(uploads) > cfg.max_upload_images:
+            raise UploadError(f"{len(uploads)} images uploaded; the limit is {cfg.max_upload_images}")
         data, names = [], []
-        for n, upload in enumerate(images):
+        for n, upload in enumerate(uploads):
             blob = await upload.read(cfg.max_upload_bytes + 1)
             name = upload.filename or f"image {n + 1}"
             names.append(name)
@@ -120,10 +137,7 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
             if not blob:
                 raise UploadError(f"{name} is empty")
             data.append(blob)
-        out = await service.enroll(data, method, {"caption": caption, "face_policy": face_policy, "steps": steps,
-                                                  "names": tuple(names)})
-        return {"object": "identity", "id": out["identity_id"], "method": out["method"], "created": out["created"],
-                "seconds": round(out["seconds"], 4)}
+        return data, names
 
     @app.get("/v1/identities")
     async def list_identities():
