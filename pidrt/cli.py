@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pidrt.argtypes import HelpFormatter, nonnegative_int, positive_int
 from pidrt.errors import PidrtError
+from pidrt.models.presets import PRESETS
 from pidrt.runtime.setup import add_runtime_arguments, runtime_options_from_args
 
 HELP_FORMAT = HelpFormatter  # every option's help line shows its default
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_identities)
 
     p = _command(sub, "export", "export ONNX graphs with identity inputs + manifest.json (docs/engines.md)")
-    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="model shapes")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shapes")
     p.add_argument("--model", type=Path, default=None, help="real weights (default: the preset's random weights)")
     p.add_argument("--method", choices=["none", "sca", "ip", "eaa"], default="none",
                    help="identity inputs of the UNet graph")
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "kernels", "compile the Triton kernels for a GPU architecture (no GPU needed); "
                  "report registers, spills and shared memory (docs/engines.md)")
-    p.add_argument("--preset", choices=["tiny", "sd15"], default="sd15", help="model shapes")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="sd15", help="model shapes")
     p.add_argument("--arch", type=int, default=90, help="compute capability as major*10+minor (90: H100/H200)")
     p.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"],
                    default=["float16", "bfloat16", "float32"], help="of the dtypes each variant runs in, these")

@@ -4,7 +4,9 @@ An ort / trt pipeline runs the UNet, the text encoder and the VAE decoder as eng
 still needs at run time is folding SCA / IP-Adapter identities (`few_token_payloads`): per
 cross-attention layer its query projection `to_q` (IP-Adapter queries the layer's own X) and
 output projection `to_out[0]`, and the adapter. `projections_only` keeps exactly those, under the
-UNet's own module names, so the folding code finds them where it always does.
+UNet's own module names, so the folding code finds them where it always does. The VAE keeps its
+encoder (edits encode their images with it, once per batch, not per step: docs/edits.md); its
+decoder goes, the decoder graph serves it.
 
 EAA enrollment records features inside the torch UNet: a lean server refuses it with the reason
 (`LEAN_EAA`), and serves EAA identities that a process with the torch UNet wrote into the shared
@@ -51,11 +53,11 @@ class FoldingProjections(nn.Module):
 
 
 def projections_only(pipe) -> None:
-    """Replace `pipe.models`' UNet by its folding projections and drop the text encoder and VAE
-    (their graphs serve them). The pipeline keeps its layers and branch state."""
+    """Replace `pipe.models`' UNet by its folding projections and drop the text encoder and the
+    VAE decoder (their graphs serve them). The pipeline keeps its layers and branch state."""
     pipe.models.unet = FoldingProjections(pipe.models.unet, pipe.layers)
     pipe.models.text_encoder = None
-    pipe.models.vae = None
+    pipe.models.vae.decoder = pipe.models.vae.post_quant_conv = None
 
 
 def torch_bytes(models) -> int:

@@ -2,6 +2,7 @@
 
     pidrt generate --prompt "a portrait" --face me.jpg --method ip --n 2 --out portraits/
     pidrt generate --prompt "a portrait" --identity ip-3f2a9c0d11b4e7a8 --store ~/.pidrt/identities --backend ort
+    pidrt generate --prompt "a portrait" --identity ip-3f2a9c0d11b4e7a8 --init-image old.jpg --restore-face --upscale 2
     pidrt generate --prompt "a photo of <me> at the beach" --tokens me.safetensors --identity ip-3f2a9c0d11b4e7a8
 
 The request is validated (with the HTTP API's messages) before any model loads. With `--face`
@@ -35,6 +36,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
 
     from pidrt.argtypes import RawDescriptionHelpFormatter, nonnegative_int, positive_float, positive_int
     from pidrt.identity.faces import BACKENDS
+    from pidrt.runtime.edit_requests import add_edit_arguments
 
     p = sub.add_parser("generate", help="make images (optionally of an identity) with the serving Generator",
                        description=__doc__, formatter_class=RawDescriptionHelpFormatter)
@@ -63,11 +65,12 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="ddim (default) or dpm++2m")
     p.add_argument("--store", type=Path, default=Path("pidrt-store"), help="identity store (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("."), help="a .png file or a folder (default: %(default)s)")
-    p.add_argument("--detector", default="auto", choices=BACKENDS, help="face detector for --face")
+    p.add_argument("--detector", default="auto", choices=BACKENDS, help="face detector for --face and --restore-face")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     from pidrt.runtime.retouch_cli import add_retouch_arguments
 
     add_retouch_arguments(p)
+    add_edit_arguments(p)
     p.set_defaults(func=cmd_generate)
     return p
 
@@ -75,6 +78,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
 def cmd_generate(a: argparse.Namespace) -> int:
     from pidrt.engines.options import Bucket, Buckets, backend_options_from_args
     from pidrt.models.presets import get_preset
+    from pidrt.runtime.edit_requests import edit_fields
     from pidrt.runtime.requests import GenerationRequest, GeneratorConfig, parse_size, resolve_request
     from pidrt.runtime.retouch_cli import retouch_from_args
     from pidrt.runtime.setup import runtime_options_from_args
@@ -93,7 +97,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         raise PidrtError(f"--tokens {a.tokens}: no such token file, and not a token identity id (tokens-…)")
     request = GenerationRequest(a.prompt, a.negative_prompt, a.identity, method if a.identity else None, a.scale,
                                 a.scale_start, None, a.steps, a.guidance, a.seed, width, height, a.n, "png", None,
-                                a.scheduler, tokens=None if token_file else a.tokens, mode=mode, retouch=retouch)
+                                a.scheduler, tokens=None if token_file else a.tokens, mode=mode, retouch=retouch,
+                                **edit_fields(a))
     runtime = runtime_options_from_args(a)
     config = GeneratorConfig(max_batch=max(1, a.n), timeout_s=86400.0,
                              enroll_detector=a.detector)
@@ -161,6 +166,8 @@ def parameters_text(result, image, model: str, device: str) -> str:
     fields = {"Steps": r.steps, "Sampler": SAMPLERS.get(r.scheduler, r.scheduler), "CFG scale": r.guidance,
               "Seed": image.seed, "Size": f"{r.width}x{r.height}", "Model": model, "Backend": result.backend,
               "Device": device}
+    if r.edit is not None:  # image tools' name for an img2img strength
+        fields["Denoising strength"] = r.edit.describe()["strength"]
     if r.identity:
         fields |= {"Identity": r.identity, "Identity method": r.method, "Identity scale": r.scale,
                    "Identity scale start": r.scale_start}
@@ -205,6 +212,7 @@ def write_outputs(result, out: Path, generator, enrolled=None) -> dict:
             "scale_end": r.scale_end, "steps": r.steps, "guidance": r.guidance, "scheduler": r.scheduler,
             "size": f"{r.width}x{r.height}", "backend": result.backend, "device": device,
             "dtype": str(generator.pipe.dtype).removeprefix("torch."), "model": model, "timings": result.timings,
+            "edit": None if r.edit is None else r.edit.describe(),
             "enrolled": None if enrolled is None else {"id": enrolled.identity_id, "created": enrolled.created,
                                                        "seconds": round(enrolled.seconds, 3)}}
     from pidrt.runtime.retouch_cli import write_layouts

@@ -44,6 +44,7 @@ import torch
 
 from pidrt.errors import PidrtError
 from pidrt.runtime.batching import BatchQueue, Entry, QueueClosed, QueueFull
+from pidrt.runtime.edit_requests import check_variant
 from pidrt.models.conditions import EAACondition, ScaleSchedule
 from pidrt.runtime.encoding import encode_image
 from pidrt.runtime.jobs import Job
@@ -280,6 +281,7 @@ class Generator:
             if self._closed:
                 raise GeneratorClosed("the generator is shutting down")
             r = request if isinstance(request, ResolvedRequest) else self.resolve(request)
+            check_variant(r.edit, self.pipe)  # an inpainting variant this UNet cannot run
             if self._admit is not None:
                 self._admit(r)
             condition = None
@@ -382,7 +384,9 @@ class Generator:
         for j in jobs:
             r = j.request
             schedule = ScaleSchedule(r.scale, r.scale_start, r.scale_end)
-            specs += [ImageSpec(r.prompt, s, r.negative_prompt, j.condition, schedule, j.tokens) for s in r.seeds]
+            edit = None if r.edit is None else r.edit.edit
+            specs += [ImageSpec(r.prompt, s, r.negative_prompt, j.condition, schedule, j.tokens, edit=edit)
+                      for s in r.seeds]
 
         def on_step(i: int, steps: int) -> None:
             alive = False
@@ -446,9 +450,12 @@ class Generator:
             clock = time.perf_counter()
             arrays = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             more = extras()
+            if r.edit is not None and r.edit.face is not None:  # restored faces go back into their photo
+                arrays = r.edit.paste_back(arrays)
+                pixels = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
             images = [
                 GeneratedImage(index=i, seed=seed, data=encode_image(arr, r.output_format, r.quality),
-                               format=r.output_format, width=r.width, height=r.height, identity=r.identity,
+                               format=r.output_format, width=arr.shape[1], height=arr.shape[0], identity=r.identity,
                                method=r.method, backend=self.backend, pixels=pixels[i].clone(),
                                latents=latents[i].clone(), **more[i])
                 for i, (seed, arr) in enumerate(zip(r.seeds, arrays))

@@ -128,8 +128,11 @@ class Pipeline:
         sched = make_scheduler(config.scheduler, self.models.preset.scheduler, config.steps)
         scale_f = self.models.preset.latent_scale
         shape = (self.models.preset.vae.latent_channels, config.height // scale_f, config.width // scale_f)
-        plan = EditPlan(self, sched, [s.edit for s in specs],
-                        initial_noise([s.seed for s in specs], shape, self.dtype, self.device))
+        noise = initial_noise([s.seed for s in specs], shape, self.dtype, self.device)
+        encoding = time.perf_counter()
+        plan = EditPlan(self, sched, [s.edit for s in specs], noise)
+        timings["vae_encode_s"] = time.perf_counter() - encoding  # the edits' images
+        clock += timings["vae_encode_s"]  # unet_loop_s: the rest, as before edits existed
         x = plan.x
         conditions = ([s.condition for s in specs] * (2 if cfg else 1))
         halves = (["uncond"] * len(specs) if cfg else []) + ["cond"] * len(specs)

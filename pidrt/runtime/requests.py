@@ -6,12 +6,15 @@ import logging
 import math
 import re
 import secrets
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 
 from pidrt.errors import PidrtError
+
+if TYPE_CHECKING:
+    from pidrt.runtime.edit_requests import EditSummary, ResolvedEdit
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,7 @@ class GenerationRequest:
     tokens: a stored token identity id (`tokens-…`) whose placeholder the prompt contains; it
     composes with `identity` (docs/token-identities.md).
     scale / scale_start / scale_end: the identity branch's scale on steps [start, end).
+    init_image .. inpainting: an edit of a photo (file bytes or a path; pidrt.runtime.edit_requests).
     """
 
     prompt: str
@@ -174,6 +178,13 @@ class GenerationRequest:
     # "retouch": Layout-and-Retouch with the fields of `retouch` (pidrt.runtime.retouch_requests)
     mode: str = "generate"
     retouch: object | None = None  # RetouchRequest (or a dict of its fields)
+    init_image: bytes | str | None = None  # img2img / inpainting / face restoration (docs/edits.md)
+    mask: bytes | str | None = None  # transparent (alpha) or white (no alpha) = repaint
+    strength: float | None = None
+    restore_face: bool = False
+    upscale: float | None = None
+    face_only: bool = False
+    inpainting: str | None = None  # "blend" | "model"; None: the server's UNet
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,7 @@ class ResolvedRequest:
     timeout_s: float
     tokens: str | None = None
     retouch: object | None = None  # ResolvedRetouch for mode "retouch"
+    edit: ResolvedEdit | EditSummary | None = None  # a summary once the result is shipped or stored
 
     @property
     def batch_key(self) -> tuple:
@@ -207,9 +219,10 @@ class ResolvedRequest:
                 self.retouch.plan_key if self.retouch is not None else None)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, edit=None))  # the edit's pixels are not echoed
         d["seeds"] = list(self.seeds)
         d["retouch"] = self.retouch.as_dict() if self.retouch is not None else None
+        d["edit"] = None if self.edit is None else self.edit.describe()
         return d
 
 
@@ -245,16 +258,19 @@ class GenerationResult:
     created: int  # unix seconds
     request: ResolvedRequest
     images: list[GeneratedImage]
-    timings: dict[str, float]  # queue_s, text_encode_s, unet_loop_s, vae_decode_s, encode_s, total_s
+    timings: dict[str, float]  # queue_s, text_encode_s, vae_encode_s, unet_loop_s, vae_decode_s, encode_s, total_s
     batch: BatchInfo
     backend: str
     replica: str | None = None  # which server process ran it (Ray Serve replica), where that matters
 
     def without_tensors(self) -> "GenerationResult":
-        """A copy without pixel/latent tensors (cheaper to ship between processes)."""
+        """A copy without pixel/latent tensors (cheaper to ship between processes, and to keep):
+        an edit's images are dropped too, its summary kept."""
         images = [GeneratedImage(**{**{f.name: getattr(i, f.name) for f in fields(i)}, "pixels": None, "latents": None})
                   for i in self.images]
-        return GenerationResult(self.id, self.created, self.request, images, dict(self.timings), self.batch,
+        edit = self.request.edit
+        request = self.request if edit is None else replace(self.request, edit=edit.summary())
+        return GenerationResult(self.id, self.created, request, images, dict(self.timings), self.batch,
                                 self.backend, self.replica)
 
 
@@ -373,15 +389,21 @@ def resolve_request(req: GenerationRequest, config: GeneratorConfig, preset,
     else:
         number("seed", seed, 0, MAX_SEED - n + 1, integer=True)  # the last image's seed is seed + n - 1
         seeds = tuple(seed + i for i in range(n))
+    from pidrt.runtime.edit_requests import resolve_edit
     from pidrt.runtime.retouch_requests import resolve_retouch
 
+    if req.mode == "retouch" and req.init_image is not None:
+        # Stage 2 swaps in the layout path's own trajectory: it has no place for an init image.
+        raise InvalidRequest("mode 'retouch' generates from noise; it takes no init_image (edit the retouched "
+                             "image in a second request)")
     retouch = resolve_retouch(req.mode, req.retouch, steps=steps, width=width, height=height, scheduler=scheduler,
                               identity=identity)
+    edit = resolve_edit(req, width, height, steps, config.enroll_detector)
     return ResolvedRequest(
         prompt=req.prompt, negative_prompt=req.negative_prompt or "", identity=identity, method=method,
         scale=scale, scale_start=start, scale_end=end, steps=steps, guidance=guidance, seeds=seeds,
         width=width, height=height, n=n, output_format=fmt, quality=quality, scheduler=scheduler,
-        timeout_s=timeout, tokens=tokens, retouch=retouch,
+        timeout_s=timeout, tokens=tokens, retouch=retouch, edit=edit,
     )
 
 

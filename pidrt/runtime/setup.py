@@ -19,7 +19,7 @@ from pidrt.identity.enroll import Encoders
 from pidrt.models.adapter_files import load_adapter
 from pidrt.models.adapters import EAAAdapter, IPAdapterWeights, SCAAdapter
 from pidrt.models.build import build_random
-from pidrt.models.presets import get_preset
+from pidrt.models.presets import PRESETS, get_preset
 from pidrt.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def build_encoders(pipe: Pipeline, opts: RuntimeOptions) -> Encoders:
 def add_runtime_arguments(p, seed_option: str = "--seed") -> None:
     """The options every command that builds a pipeline takes (CLI, serve, bench). `pidrt generate`
     names the weights' seed --weights-seed: its --seed is the images'."""
-    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="model shapes (tiny: seconds on a CPU)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="model shapes (tiny: seconds on a CPU; *-inpainting: a 9-channel inpainting UNet)")
     p.add_argument("--model", type=Path, help="diffusers SD1.5 folder or single-file .safetensors (default: random weights)")
     p.add_argument("--sca-adapter", type=Path, help="pidrt SCA .safetensors or the W+ adapter's wplus_adapter.bin")
     p.add_argument("--ip-adapter", type=Path, help="ip-adapter*.safetensors / .bin")

@@ -5,7 +5,7 @@ environment variable. One key per line (file) or per comma (variable), optionall
 its role after whitespace; `#` starts a comment:
 
     8f3c2a...d1   admin       # may enroll and delete identities, and generate
-    77b0e1...9a   generate    # generations, jobs, listing identities, stats
+    77b0e1...9a   generate    # generations, edits, jobs, listing identities, stats
 
 A key without a role is `admin`. `admin` implies `generate`: an operator who enrolls an identity
 can try it with the same key, while a service that should only generate gets a `generate` key.

@@ -3,7 +3,7 @@
 pidrt_queue_depth                         requests waiting for a batch (local engine)
 pidrt_jobs_running                        requests in flight through the service
 pidrt_batch_images / pidrt_batch_requests images and requests per UNet batch (histograms)
-pidrt_stage_seconds{stage}                queue, text_encode, unet_loop, vae_decode, encode, total
+pidrt_stage_seconds{stage}                queue, text_encode, vae_encode, unet_loop, vae_decode, encode, total
 pidrt_images_generated_total              images returned to callers
 pidrt_errors_total{type}                  invalid_request, unknown_identity, overloaded, timeout, ...
 pidrt_requests_total{route,status}        HTTP requests by route template and status

@@ -6,9 +6,10 @@ import json
 import time
 from typing import Optional
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from pidrt.serve.edits_form import edit_form
 from pidrt.serve.errors import error_json, install_error_handlers
 from pidrt.serve.protocol import (
     GenerationBody,
@@ -16,6 +17,7 @@ from pidrt.serve.protocol import (
     identity_body,
     result_body,
 )
+from pidrt.runtime.requests import GenerationRequest
 from pidrt.serve.service import ImageService, UploadError, UploadTooLarge
 
 
@@ -52,11 +54,24 @@ def install_routes(app: FastAPI, service: ImageService, metrics) -> None:
         result = await service.generate(body.to_request(), request.is_disconnected)
         return result_body(result)
 
+    edit = Depends(edit_form(cfg.max_upload_bytes))  # multipart: image, mask, prompt, ... (edits_form.py)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request, req: GenerationRequest = edit):
+        return result_body(await service.generate(req, request.is_disconnected))
+
     # ------------------------------------------------------------------ jobs
+    async def queued(req: GenerationRequest) -> dict:
+        rec = await service.create_job(req)
+        return {**rec.summary(), "object": "job", "events_url": f"/v1/jobs/{rec.id}/events"}
+
     @app.post("/v1/jobs", status_code=202)
     async def create_job(body: GenerationBody):
-        rec = await service.create_job(body.to_request())
-        return {**rec.summary(), "object": "job", "events_url": f"/v1/jobs/{rec.id}/events"}
+        return await queued(body.to_request())
+
+    @app.post("/v1/jobs/edits", status_code=202)
+    async def create_edit_job(req: GenerationRequest = edit):
+        return await queued(req)
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str):

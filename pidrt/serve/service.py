@@ -123,7 +123,8 @@ class LocalEngine(Engine):
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
                     loop.call_soon_threadsafe(on_event, ev)
 
-        # Off the loop: a cold identity reads and verifies its store entry.
+        # Off the loop: a cold identity reads and verifies its store entry, an edit decodes its files
+        # (restore_face: detects and aligns the face).
         job = await asyncio.to_thread(self.generator.submit, request, callback)
         return _LocalRunning(job)
 
@@ -159,7 +160,7 @@ class LocalEngine(Engine):
 # --------------------------------------------------------------------------------------- jobs
 @dataclass(frozen=True)
 class ServiceConfig:
-    max_upload_bytes: int = 10 * 1024 * 1024  # per face image
+    max_upload_bytes: int = 10 * 1024 * 1024  # per uploaded file (face photos, edit images and masks)
     max_upload_images: int = 8
     max_json_bytes: int = 1024 * 1024  # any body that is not a multipart upload (pidrt.serve.limits)
     max_jobs: int = 1024  # job records kept; the oldest finished ones go first
@@ -171,9 +172,8 @@ class ServiceConfig:
 class JobRecord:
     """A job as the service keeps it: replayable events, the outcome, the engine handle. Loop-only."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self):  # not the request: an edit's uploaded files would outlive the job by job_ttl_s
         self.id = f"job-{uuid.uuid4().hex[:24]}"
-        self.request = request
         self.created = time.time()
         self.finished: float | None = None
         self.state = "queued"
@@ -302,7 +302,7 @@ class ImageService:
 
     async def create_job(self, request: GenerationRequest) -> JobRecord:
         self._gc()
-        rec = JobRecord(request)
+        rec = JobRecord()
         rec.running = await self._start(request, rec.add)
         self._jobs[rec.id] = rec
         self._inflight += 1

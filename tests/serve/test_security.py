@@ -43,6 +43,8 @@ ROUTES = [
     ("POST", "/v1/images/generations", {"json": {"prompt": "p", "steps": 1, "seed": 1}}, "generate"),
     ("POST", "/sdapi/v1/txt2img", {"json": {"prompt": "p", "steps": 1, "seed": 1}}, "generate"),
     ("POST", "/v1/jobs", {"json": {"prompt": "p", "steps": 1, "seed": 2}}, "generate"),
+    ("POST", "/v1/images/edits", {"data": {"prompt": "p"}}, "generate"),  # the right key: 400, no image
+    ("POST", "/v1/jobs/edits", {"data": {"prompt": "p"}}, "generate"),
     ("GET", "/v1/jobs/job-nope", {}, "generate"),
     ("GET", "/v1/jobs/job-nope/events", {}, "generate"),
     ("POST", "/v1/jobs/job-nope/cancel", {}, "generate"),
