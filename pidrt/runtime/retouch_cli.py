@@ -22,7 +22,8 @@ def add_retouch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-start", type=int, help="first step of the K/V swap (4 of 50)")
     g.add_argument("--reference-start", type=int, help="first step reading the reference path (10 of 50)")
     g.add_argument("--blend-start", type=int, help="first step of the mask blend (default: --reference-start)")
-    g.add_argument("--mask", type=Path, help="the subject's foreground mask (image of --size; white = subject)")
+    # Not --mask: that is the edit's repaint mask (docs/edits.md).
+    g.add_argument("--subject-mask", type=Path, help="the subject's foreground mask (image of --size; white = subject)")
     g.add_argument("--return-layout", action="store_true", help="also write each layout image (<image>-layout.png)")
     g.add_argument("--layout-path", choices=["inversion", "recorded"], default="inversion",
                    help="inversion: the paper's (the layout image is inverted); recorded: stage 1's trajectory "
@@ -33,17 +34,18 @@ def retouch_from_args(a: argparse.Namespace):
     """(mode, RetouchRequest or None) of the command line; retouch options need --mode retouch."""
     from pidrt.runtime.retouch_requests import RetouchRequest
 
-    given = [name for name in ("subject", "layout_steps", "swap_start", "reference_start", "blend_start", "mask")
+    given = [name for name in ("subject", "layout_steps", "swap_start", "reference_start", "blend_start",
+                               "subject_mask")
              if getattr(a, name) is not None] + (["return_layout"] if a.return_layout else [])
     if a.mode != "retouch":
         if given:
             raise PidrtError(f"--{given[0].replace('_', '-')} goes with --mode retouch")
         return a.mode, None
     mask = None
-    if a.mask is not None:
-        if not a.mask.is_file():
-            raise PidrtError(f"{a.mask}: no such mask image")
-        mask = a.mask.read_bytes()
+    if a.subject_mask is not None:
+        if not a.subject_mask.is_file():
+            raise PidrtError(f"{a.subject_mask}: no such mask image")
+        mask = a.subject_mask.read_bytes()
     return a.mode, RetouchRequest(a.subject, a.layout_steps, a.swap_start, a.reference_start, a.blend_start, mask,
                                   a.return_layout, a.layout_path)
 

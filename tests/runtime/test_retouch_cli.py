@@ -37,7 +37,7 @@ def test_retouch_arguments_are_checked_before_models_load(tmp_path, capsys):
                          (["--mode", "retouch", "--subject", "man"], "needs an identity"),
                          (["--mode", "retouch", "--identity", "ip-0123456789abcdef"], "needs the subject"),
                          (["--mode", "retouch", "--identity", "ip-0123456789abcdef", "--subject", "man",
-                           "--mask", str(tmp_path / "none.png")], "no such mask")]:
+                           "--subject-mask", str(tmp_path / "none.png")], "no such mask")]:
         assert main([*ARGS, "--out", str(tmp_path), *extra]) == 2
         assert words in capsys.readouterr().err, words
 
