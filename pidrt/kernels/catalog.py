@@ -82,10 +82,10 @@ class Resources:
 
 def variants(preset: Preset) -> list[Variant]:
     """The plugin plans, then the JIT launches, of `preset`'s UNet."""
-    return _plugin_variants(preset) + _jit_variants(preset)
+    return plugin_variants(preset) + _jit_variants(preset)
 
 
-def _plugin_variants(preset: Preset) -> list[Variant]:
+def plugin_variants(preset: Preset) -> list[Variant]:
     """Few-token (smallest level's width: only the tile shape matters) and one dual-KV per head dim."""
     from pidrt.kernels import dual_kv, few_token
 

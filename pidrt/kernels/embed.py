@@ -16,6 +16,7 @@ compiler wrote (a CUDA 13.0 driver JIT-compiles PTX only up to ISA 9.0; Triton 3
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -53,13 +54,14 @@ def _embeds(variant, dtype: str) -> bool:
     return dtype in runs or (dtype == "bfloat16" and "float16" in runs)
 
 
+@functools.lru_cache(maxsize=None)  # asked for each variant and dtype
 def _plugin_variants(preset: str) -> list:
     """The launch plans of `preset` that the library embeds: the TensorRT plugins' (the JIT forms
     are what Triton's own launcher compiles at run time; the catalog checks them apart)."""
-    from pidrt.kernels.catalog import variants
+    from pidrt.kernels.catalog import plugin_variants
     from pidrt.models.presets import get_preset
 
-    return [v for v in variants(get_preset(preset)) if v.form == "plugin"]
+    return plugin_variants(get_preset(preset))
 
 
 def plan_jobs(presets: list[str], dtypes: list[str], archs: list[int], only: list[str] | None = None) -> list[Job]:
