@@ -157,8 +157,6 @@ def test_auto_keeps_fast_when_it_agrees_and_falls_back_when_not(monkeypatch, cap
 # ------------------------------------------------------------------ ort (exported tiny graphs)
 @pytest.fixture(scope="module")
 def engines():
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx_graphsurgeon")
     from pidrt.export.testing import tiny_export
 
     for method in ("sca", "ip", "eaa"):
@@ -217,7 +215,6 @@ def test_lean_enrollment_keeps_identity_ids_and_refuses_eaa(ort_backend, photos,
 
 @pytest.mark.slow
 def test_engine_cache_second_start_and_corrupt_entry(tmp_path, caplog):
-    pytest.importorskip("onnxruntime")
     options = BackendOptions(backend="ort", cache_dir=tmp_path, methods=("none",), threads=1, warmup=False,
                              buckets=Buckets.parse("1@64x64"))
 

@@ -17,8 +17,6 @@ from pidrt.models.conditions import FewTokenCondition, ScaleSchedule
 from pidrt.runtime.edits import Edit
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 CFG = SamplingConfig(steps=3, guidance=5.0, height=64, width=64)
 KINDS = ("unet", "text_encoder", "vae_decoder", "vae_encoder")
 

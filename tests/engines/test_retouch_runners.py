@@ -15,8 +15,6 @@ from pidrt.models.retouch import MaskConfig, RetouchConfig, swap_layers
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 from pidrt.runtime.retouch import RetouchOptions, RetouchSpec, reference_path, retouch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 
 SAMPLING = SamplingConfig(steps=4, guidance=5.0, height=64, width=64)
 CONFIG = RetouchConfig(layout_steps=1, swap_start=1, reference_start=2, blend_start=2,

@@ -30,8 +30,6 @@ from pidrt.runtime.pipeline import Pipeline
 from pidrt.runtime.requests import Defaults, GenerationRequest, GeneratorConfig, InvalidRequest
 from pidrt.runtime.retouch_requests import RetouchRequest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 
 STEPS = 4
 CONFIG = GeneratorConfig(defaults=Defaults(steps=STEPS, guidance=5.0), enroll_detector="haar")

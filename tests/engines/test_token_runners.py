@@ -14,8 +14,6 @@ from pidrt.models.presets import TINY
 from pidrt.models.tokens import TokenIdentity
 from pidrt.runtime.pipeline import ImageSpec, Pipeline, SamplingConfig
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 CFG = SamplingConfig(steps=3, guidance=5.0, height=64, width=64)  # DDIM timesteps 667, 334, 1
 D = TINY.text.hidden_size
 

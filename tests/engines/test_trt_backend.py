@@ -17,6 +17,8 @@ import types
 import pytest
 import torch
 
+from polygraphy.exception import PolygraphyException
+
 from pidrt.engines import trt_backend
 from pidrt.engines.base import Availability, Backend
 from pidrt.engines.trt_backend import BuildOptions, TrtRunner, build_engine, capture_graph, precision_flags
@@ -24,8 +26,6 @@ from pidrt.errors import PidrtError
 from pidrt.export.manifest import GraphEntry
 from pidrt.export.specs import vae_decoder_spec
 from pidrt.models.presets import TINY
-
-PolygraphyException = pytest.importorskip("polygraphy.exception").PolygraphyException
 
 # BuilderFlag members as the bindings list them (python/src/infer/pyCore.cpp of each release).
 FLAGS_10 = ("FP16", "BF16", "INT8", "REFIT", "TF32", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")

@@ -15,8 +15,6 @@ from pidrt.models.attention import attention_layers
 from pidrt.models.build import build_random
 from pidrt.models.presets import SD15_INPAINTING, TINY, TINY_INPAINTING
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 
 KINDS = ("unet", "text_encoder", "vae_decoder", "vae_encoder")  # what tests/engines runs a pipeline on
 

@@ -16,8 +16,6 @@ from pidrt.models.build import build_random
 from pidrt.models.presets import TINY
 from pidrt.models.retouch import LayerTap, SwapLayer
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 
 
 @pytest.fixture(scope="module")

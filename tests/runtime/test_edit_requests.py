@@ -129,7 +129,6 @@ def test_inpainting_server_runs_plain_and_masked_requests():
 def test_ort_inpainting_server_matches_torch():
     """A lean ort server with an inpainting UNet (the torch VAE encoder kept, the decoder dropped):
     plain, img2img and masked requests give the torch Generator's images."""
-    pytest.importorskip("onnxruntime")
     from pidrt.engines.choose import open_backend
     from pidrt.export.testing import tiny_export
 

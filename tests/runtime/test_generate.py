@@ -22,8 +22,6 @@ COMMON = ["--prompt", "a portrait", "--negative-prompt", "blurry", "--steps", "2
 
 @pytest.fixture(scope="module")
 def engines():
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx_graphsurgeon")
     from pidrt.export.testing import tiny_export
 
     for method in ("sca", "ip", "eaa"):

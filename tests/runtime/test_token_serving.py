@@ -26,7 +26,6 @@ from pidrt.runtime.generator import Generator
 from pidrt.runtime.pipeline import ImageSpec, SamplingConfig
 from pidrt.runtime.requests import Defaults, GenerationRequest, GeneratorConfig, InvalidRequest
 
-pytest.importorskip("onnxruntime")
 D = TINY.text.hidden_size
 CONFIG = GeneratorConfig(defaults=Defaults(steps=2, guidance=5.0), enroll_detector="haar", max_wait_ms=0)
 SAMPLING = SamplingConfig(steps=2, guidance=5.0, height=64, width=64)  # DDIM timesteps 501, 1: both stages

@@ -19,8 +19,6 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_cpu_ort_replicas_route_identities_by_affinity(tmp_path, photos, make_config):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx_graphsurgeon")
     from pidrt.engines.options import BackendOptions
     from pidrt.export.testing import tiny_export
     from pidrt.serve.ray_app import Autoscaling, RaySettings, build_ray_app

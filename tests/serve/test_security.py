@@ -286,7 +286,6 @@ def test_messages_name_ids_not_server_paths(app, generator, photos, call):
 def test_ray_ingress_takes_the_same_keys(tmp_path, keys, call):
     """The Ray Serve ingress is the same app: its routes need the same keys (no Ray cluster needed
     to check: the key check answers before the engine is reached)."""
-    pytest.importorskip("ray", reason="the Ray Serve deployment needs ray[serve] (pidrt[serve])")
     from pidrt.serve.ray_app import RaySettings, _ingress_builder, run_ray
 
     settings = RaySettings(store_dir=str(tmp_path / "store"), auth=keys)

@@ -20,8 +20,6 @@ from pidrt.engines.options import BackendOptions, Buckets
 from pidrt.serve.app import create_app
 from pidrt.serve.startup import StartingEngine
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx_graphsurgeon")
 PIXEL_TOL = 2
 GEN = "/v1/images/generations"
 
