@@ -166,3 +166,13 @@ def photos() -> tuple[bytes, bytes]:
 
     (first, _), (mirrored, _) = face_photos()
     return first, mirrored
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """The tiny export folder the ort tests serve from: a UNet per method, text encoder, VAE decoder."""
+    from pidrt.export.testing import tiny_export
+
+    for method in ("sca", "ip", "eaa"):
+        tiny_export(method)
+    return tiny_export("none", kinds=("unet", "text_encoder", "vae_decoder"))

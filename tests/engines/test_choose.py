@@ -156,15 +156,6 @@ def test_auto_keeps_fast_when_it_agrees_and_falls_back_when_not(monkeypatch, cap
 
 # ------------------------------------------------------------------ ort (exported tiny graphs)
 @pytest.fixture(scope="module")
-def engines():
-    from pidrt.export.testing import tiny_export
-
-    for method in ("sca", "ip", "eaa"):
-        tiny_export(method)
-    return tiny_export("none", kinds=("unet", "text_encoder", "vae_decoder"))
-
-
-@pytest.fixture(scope="module")
 def ort_backend(engines):
     pipe, encoders = reference()
     full = sum(p.numel() for p in pipe.models.unet.parameters())

@@ -21,15 +21,6 @@ COMMON = ["--prompt", "a portrait", "--negative-prompt", "blurry", "--steps", "2
 
 
 @pytest.fixture(scope="module")
-def engines():
-    from pidrt.export.testing import tiny_export
-
-    for method in ("sca", "ip", "eaa"):
-        tiny_export(method)
-    return tiny_export("none", kinds=("unet", "text_encoder", "vae_decoder"))
-
-
-@pytest.fixture(scope="module")
 def face(tmp_path_factory, photos):
     path = tmp_path_factory.mktemp("faces") / "face.png"
     path.write_bytes(photos[0])

@@ -29,15 +29,6 @@ def pixels(item: dict) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def engines():
-    from pidrt.export.testing import tiny_export
-
-    for method in ("sca", "ip", "eaa"):
-        tiny_export(method)
-    return tiny_export("none", kinds=("unet", "text_encoder", "vae_decoder"))
-
-
-@pytest.fixture(scope="module")
 def servers(tmp_path_factory, engines, make_config, photos):
     """({backend: app} for torch, ort and fast, {method: [two identity ids]}) over one shared store.
 
